@@ -1,0 +1,317 @@
+"""The Transformer: embeddings, N blocks, and three heads (masked LM, causal LM, classifier).
+
+    tokens (B, T) ─► Embeddings ─► Block × L ─► [final norm] ─► hidden (B, T, d) ─► head
+
+A Block is attention then MLP, each wrapped in a residual connection and a norm:
+
+    pre-LN  (GPT-2, Llama):  x = x + Attn(Norm(x));   x = x + MLP(Norm(x))
+    post-LN (BERT):          x = Norm(x + Attn(x));   x = Norm(x + MLP(x))
+
+Pre-LN keeps an un-normalised residual stream and so needs one final norm at the top;
+post-LN normalises the embeddings instead. That is the whole difference in wiring
+between the BERT and GPT shapes; the rest (causal mask, positions, MLP kind, norm kind)
+is a config field. Symbols as in config.py.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from minilm.attention import ATTENTION, KVCache, SelfAttention, build_keep_mask, rope_tables
+from minilm.config import ModelConfig
+
+IGNORE_INDEX = -100  # label value that contributes no loss (padding, unmasked tokens)
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor                 # (B, T, V), (N_masked, V) or (B, num_labels)
+    loss: Tensor | None = None     # mean cross-entropy in nats, when labels are given
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    """LayerNorm: (x - mean) / std · γ + β.   RMSNorm: x / rms(x) · γ (no centring, no β)."""
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.d_model, eps=config.norm_eps)
+    return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
+
+
+def activation(config: ModelConfig) -> nn.Module:
+    """GELU(x) = x·Φ(x) (BERT), its tanh approximation (GPT-2), or SiLU for SwiGLU (Llama)."""
+    return {"gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"), "swiglu": nn.SiLU()}[config.mlp]
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network, d -> ff -> d.
+
+    GELU:   fc_out(act(fc_in(x)))
+    SwiGLU: fc_out(silu(x W_gate) ⊙ (x W_up)) — fc_in holds [W_gate; W_up] in one matmul.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gated = config.mlp == "swiglu"
+        width = 2 * config.d_ff if self.gated else config.d_ff
+        self.fc_in = nn.Linear(config.d_model, width, bias=config.bias)
+        self.act = activation(config)
+        self.fc_out = nn.Linear(config.d_ff, config.d_model, bias=config.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc_in(x)                                   # (B, T, ff or 2·ff)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = self.act(gate) * up
+        else:
+            h = self.act(h)
+        return self.fc_out(h)                               # (B, T, d)
+
+
+class Block(nn.Module):
+    """One Transformer layer: attention and MLP sublayers with residuals (pre- or post-LN)."""
+
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.pre_norm = config.norm_position == "pre"
+        self.attn_norm = make_norm(config)
+        self.attn = SelfAttention(config, layer_index)
+        self.mlp_norm = make_norm(config)
+        self.mlp = MLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, keep: Tensor | None, is_causal: bool,
+                rope: tuple[Tensor, Tensor] | None, cache: KVCache | None, attention: str) -> Tensor:
+        if self.pre_norm:
+            x = x + self.dropout(self.attn(self.attn_norm(x), keep, is_causal, rope, cache, attention))
+            x = x + self.dropout(self.mlp(self.mlp_norm(x)))
+        else:
+            x = self.attn_norm(x + self.dropout(self.attn(x, keep, is_causal, rope, cache, attention)))
+            x = self.mlp_norm(x + self.dropout(self.mlp(x)))
+        return x
+
+
+class Embeddings(nn.Module):
+    """token (+ learned position) (+ token type) embeddings -> [norm, post-LN only] -> dropout."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.positions = nn.Embedding(config.max_seq_len, config.d_model) if config.position == "learned" else None
+        self.token_types = nn.Embedding(config.type_vocab_size, config.d_model) if config.type_vocab_size else None
+        self.norm = make_norm(config) if config.norm_position == "post" else None
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor, token_type_ids: Tensor | None) -> Tensor:
+        x = self.tokens(input_ids)                                          # (B, T, d)
+        if self.positions is not None:
+            x = x + self.positions(position_ids)
+        if self.token_types is not None:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros_like(input_ids)
+            x = x + self.token_types(token_type_ids)
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.dropout(x)
+
+
+class Transformer(nn.Module):
+    """The body shared by every head: token ids (B, T) -> hidden states (B, T, d)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = Embeddings(config)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.final_norm = make_norm(config) if config.norm_position == "pre" else None
+        if config.position == "rope":
+            cos, sin = rope_tables(config.max_seq_len, config.head_size, config.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                token_type_ids: Tensor | None = None, position_ids: Tensor | None = None,
+                cache: KVCache | None = None, attention: str | None = None) -> Tensor:
+        """input_ids (B, T); attention_mask (B, S) 1 = real token (S = cached + T);
+        position_ids (B, T), default past_length + 0 … T-1; attention "sdpa"|"manual"
+        overrides the config for this call. Returns hidden states (B, T, d)."""
+        config = self.config
+        attention = attention or config.attention
+        if attention not in ATTENTION:
+            raise ValueError(f"attention={attention!r}; choose one of {sorted(ATTENTION)}")
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        S = past + T
+        if S > config.max_seq_len:
+            raise ValueError(f"sequence of {S} tokens exceeds max_seq_len={config.max_seq_len}")
+        if position_ids is None:
+            position_ids = torch.arange(past, S, device=input_ids.device)[None]   # (1, T)
+
+        # A mask tensor only when needed: a square causal mask without padding is done by
+        # the kernel itself (is_causal), which lets SDPA pick FlashAttention.
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None
+        square_causal = config.causal and attention_mask is None and past == 0
+        keep = None if square_causal else build_keep_mask(attention_mask, T, S, config.causal and T > 1)
+
+        rope = None
+        if config.position == "rope":
+            cos = self.rope_cos[position_ids][:, None]                          # (B or 1, 1, T, hs)
+            sin = self.rope_sin[position_ids][:, None]
+            rope = (cos, sin)
+
+        x = self.embeddings(input_ids, position_ids, token_type_ids)           # (B, T, d)
+        for block in self.blocks:
+            x = block(x, keep, square_causal, rope, cache, attention)
+        if cache is not None:
+            cache.advance(T)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        return x
+
+
+# --------------------------------------------------------------------------------------
+# heads
+# --------------------------------------------------------------------------------------
+def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean −log p(label) over the labels that are not IGNORE_INDEX (computed in fp32)."""
+    return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+
+class PreTrained(nn.Module):
+    """What every head shares: the body, weight init, parameter counting."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = Transformer(config)
+
+    def init_weights(self) -> None:
+        """N(0, 0.02) for matrices and embeddings, zero biases, unit norms; the projections
+        that write into the residual stream get std 0.02/√(2L) (GPT-2): the stream sums 2L
+        of them, so its variance then stays O(1) with depth."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        for block in self.transformer.blocks:
+            for proj in (block.attn.out, block.mlp.fc_out):
+                nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layers))
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Unique parameters (a tied matrix counts once)."""
+        params = {p.data_ptr(): p for p in self.parameters()}
+        if exclude_embeddings:
+            emb = self.transformer.embeddings
+            for table in (emb.tokens, emb.positions, emb.token_types):
+                if table is not None:
+                    params.pop(table.weight.data_ptr(), None)
+        return sum(p.numel() for p in params.values())
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        return self.config.flops_per_token(seq_len)
+
+
+class MaskedLM(PreTrained):
+    """BERT's masked-LM: predict the original token at masked positions.
+
+    head(h) = LayerNorm(act(h W + b)) Eᵀ + b_out, with E the token-embedding matrix (tied).
+    Given labels, only the masked rows (labels != -100, ~15%) go through the head: the
+    (d × V) decoder is the most expensive matmul, so this saves ~85% of it.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.transform = nn.Linear(config.d_model, config.d_model, bias=config.bias)
+        self.act = nn.GELU(approximate="tanh" if config.mlp == "gelu_tanh" else "none")
+        self.norm = make_norm(config)
+        self.decoder = nn.Linear(config.d_model, config.vocab_size, bias=config.mlm_head_bias)
+        if config.tie_embeddings:
+            self.decoder.weight = self.transformer.embeddings.tokens.weight
+        self.init_weights()
+
+    def head(self, h: Tensor) -> Tensor:
+        return self.decoder(self.norm(self.act(self.transform(h))))
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                token_type_ids: Tensor | None = None, labels: Tensor | None = None,
+                attention: str | None = None) -> ModelOutput:
+        """labels (B, T): original ids at masked positions, -100 elsewhere. With labels,
+        logits are (N_masked, V) in row-major order of the masked positions; without,
+        (B, T, V)."""
+        h = self.transformer(input_ids, attention_mask, token_type_ids, attention=attention)
+        if labels is None:
+            return ModelOutput(self.head(h))
+        masked = labels != IGNORE_INDEX                                  # (B, T)
+        logits = self.head(h[masked])                                    # (N_masked, V)
+        return ModelOutput(logits, cross_entropy(logits, labels[masked]))
+
+
+class CausalLM(PreTrained):
+    """GPT / Llama: p(x_{t+1} | x_≤t) = softmax(h_t Wᵀ), W tied to the embeddings or not."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.embeddings.tokens.weight
+        self.init_weights()
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                labels: Tensor | None = None, position_ids: Tensor | None = None,
+                cache: KVCache | None = None, attention: str | None = None) -> ModelOutput:
+        """labels (B, T) are the TARGETS, already aligned: labels[:, t] is the token that
+        should follow input_ids[:, :t+1] (objectives.shift_for_clm builds them), -100 to skip.
+        logits: (B, T, V)."""
+        h = self.transformer(input_ids, attention_mask, position_ids=position_ids,
+                             cache=cache, attention=attention)
+        logits = self.lm_head(h)
+        return ModelOutput(logits, None if labels is None else cross_entropy(logits, labels))
+
+
+def pool(h: Tensor, attention_mask: Tensor | None, how: str) -> Tensor:
+    """(B, T, d) -> (B, d): the [CLS] (first) token, the mean over real tokens, or the
+    last real token (works for right and left padding: the highest index whose mask is 1)."""
+    if how == "cls":
+        return h[:, 0]
+    if attention_mask is None:
+        attention_mask = torch.ones(h.shape[:2], dtype=torch.long, device=h.device)
+    mask = attention_mask.to(h.dtype)[..., None]                            # (B, T, 1)
+    if how == "mean":
+        return (h * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+    positions = torch.arange(h.size(1), device=h.device)
+    last = (positions * attention_mask).argmax(dim=1)                       # (B,)
+    return h[torch.arange(h.size(0), device=h.device), last]
+
+
+class SequenceClassifier(PreTrained):
+    """Sentence -> class: pool the hidden states, [BERT pooler tanh(W·+b)], dropout, linear."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.pooler = nn.Linear(config.d_model, config.d_model) if config.pooler else None
+        self.dropout = nn.Dropout(config.dropout)
+        self.classifier = nn.Linear(config.d_model, config.num_labels, bias=config.classifier_bias)
+        self.init_weights()
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                token_type_ids: Tensor | None = None, labels: Tensor | None = None,
+                attention: str | None = None, class_weights: Tensor | None = None) -> ModelOutput:
+        """labels (B,) class indices. logits (B, num_labels)."""
+        h = self.transformer(input_ids, attention_mask, token_type_ids, attention=attention)
+        pooled = pool(h, attention_mask, self.config.pooling)                 # (B, d)
+        if self.pooler is not None:
+            pooled = torch.tanh(self.pooler(pooled))
+        logits = self.classifier(self.dropout(pooled))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float(), labels, weight=class_weights)
+        return ModelOutput(logits, loss)
+
+
+HEADS = {"mlm": MaskedLM, "clm": CausalLM, "classify": SequenceClassifier}

@@ -14,9 +14,10 @@ Two programs compute this one function (tests prove they agree to 1e-5):
     (T, S) score matrix.
 
 Masks are boolean `keep` tensors, True where query t may look at key s, broadcast to
-(B, nh, T, S). A masked score is set to the most negative finite float, never -inf: a
-query that may see nothing (a fully padded row) then gets a uniform softmax and a finite
-output instead of NaN = 0/0, and both paths stay identical there too.
+(B, nh, T, S). A masked score is set to the most negative finite float, never -inf, and
+masked probabilities are then zeroed: a query that may see nothing (a fully padded row)
+gets an output of 0 — not NaN = 0/0 — and no gradient, which is exactly what PyTorch's
+SDPA does with a boolean mask, so both paths agree there too.
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ def manual_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None = None
     if keep is not None:
         scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
     probs = scores.softmax(dim=-1)                                       # rows sum to 1
+    if keep is not None:  # a row with no visible key: all weights 0 (else uniform garbage)
+        probs = probs.masked_fill(~keep, 0.0)
     probs = F.dropout(probs, p=dropout_p, training=dropout_p > 0)
     return probs @ v                                                     # (B, nh, T, hs)
 
@@ -88,15 +91,10 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None = None,
                    is_causal: bool = False, dropout_p: float = 0.0) -> Tensor:
     """The same function through PyTorch's fused kernel. Shapes as `manual_attention`.
 
-    A boolean mask is turned into an additive one (0 or the most negative float) so that
-    fully masked rows behave exactly as in the manual path. With `is_causal` and no mask,
-    no (T, S) tensor is built at all — the kernel applies causality itself.
+    With `is_causal` and no mask, no (T, S) tensor is built at all — the kernel applies
+    causality itself. GQA is handled inside the kernel (no repeated K/V in memory).
     """
-    bias = None
-    if keep is not None:
-        bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device)
-        bias = bias.masked_fill(~keep, torch.finfo(q.dtype).min)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p,
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout_p,
                                           is_causal=is_causal, enable_gqa=q.size(1) != k.size(1))
 
 

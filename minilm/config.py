@@ -103,6 +103,9 @@ class ModelConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     def replace(self, **changes) -> ModelConfig:
+        """A copy with fields changed. Changing n_heads of a multi-head config keeps it multi-head."""
+        if "n_heads" in changes and "n_kv_heads" not in changes and self.n_kv_heads == self.n_heads:
+            changes["n_kv_heads"] = None
         return dataclasses.replace(self, **changes)
 
     # ---- size accounting -------------------------------------------------------------

@@ -204,14 +204,13 @@ class PreTrained(nn.Module):
                 nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layers))
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        """Unique parameters (a tied matrix counts once)."""
-        params = {p.data_ptr(): p for p in self.parameters()}
+        """Unique parameters: a tied matrix counts once (parameters() deduplicates)."""
+        params = list(self.parameters())
         if exclude_embeddings:
             emb = self.transformer.embeddings
-            for table in (emb.tokens, emb.positions, emb.token_types):
-                if table is not None:
-                    params.pop(table.weight.data_ptr(), None)
-        return sum(p.numel() for p in params.values())
+            tables = [t.weight for t in (emb.tokens, emb.positions, emb.token_types) if t is not None]
+            params = [p for p in params if not any(p is t for t in tables)]
+        return sum(p.numel() for p in params)
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         return self.config.flops_per_token(seq_len)

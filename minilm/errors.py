@@ -1,0 +1,17 @@
+"""The project's user-facing error type.
+
+Two kinds of failure exist in minilm:
+
+* **User errors** — a missing file, an unknown corpus name, a download that failed,
+  a sequence length longer than the data. These raise `MinilmError` with a one-line
+  message that names the problem *and* the fix. The CLIs catch it, print the message
+  on stderr as one line and exit with status 2.
+* **Bugs** — everything else raises normally (with a traceback), because a traceback
+  is what a developer needs to fix a bug.
+"""
+
+from __future__ import annotations
+
+
+class MinilmError(Exception):
+    """A problem the user can fix; the message says what went wrong and how to fix it."""

@@ -1,0 +1,164 @@
+"""Training objectives that are not the model: MLM masking, token losses, bits per character.
+
+The model maps token ids to logits; this module turns batches into what the model
+must predict and turns the model's predictions into numbers:
+
+    masked LM  : input_ids ──mask_tokens──► (masked_input_ids, labels)   BERT, dynamic
+    causal LM  : the shift y[t] = x[t+1] is done by the data (minilm.data.CLMBatches)
+    both       : logits, labels ──summed_nll──► (total nats, number of targets)
+                 total nats ──bits_per_char / perplexity──► the numbers we report
+
+Positions that carry no target have the label IGNORE_INDEX (-100), the value
+`torch.nn.functional.cross_entropy` skips by default.
+
+Everything here is a pure function of its arguments (plus an optional torch
+`Generator` for the randomness), so it is easy to test and to reproduce.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+
+# Label of a position that is not predicted (not masked, padding, the last partial
+# window's tail, ...). -100 is cross_entropy's default ignore_index.
+IGNORE_INDEX = -100
+
+# BERT's masking recipe (Devlin et al., 2019, section 3.1 and appendix C.2).
+MASK_PROB = 0.15          # share of maskable positions chosen as prediction targets
+MASK_TOKEN_SHARE = 0.8    # of the chosen: replaced by [MASK]
+RANDOM_TOKEN_SHARE = 0.1  # of the chosen: replaced by a random (non-special) token
+# ... and the remaining 10% keep their original token.
+
+
+def mask_tokens(
+    input_ids: torch.Tensor,
+    *,
+    vocab_size: int,
+    mask_id: int,
+    special_ids: Iterable[int],
+    attention_mask: torch.Tensor | None = None,
+    mask_prob: float = MASK_PROB,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT dynamic masking: choose targets, corrupt the input, return (inputs, labels).
+
+    The rule, applied independently to every position of `input_ids` (shape (B, T)):
+
+    1. A position is *maskable* when its token is not special (not in `special_ids`,
+       which must include [PAD], [CLS], [SEP], [MASK], ...) and, if `attention_mask`
+       is given, the mask is 1 there. Special tokens and padding are never chosen.
+    2. Each maskable position is *chosen* with probability `mask_prob` (0.15), an
+       independent Bernoulli draw, so about 15% of the maskable positions are chosen.
+    3. A chosen position's input becomes
+         [MASK]                      with probability 0.8,
+         a uniformly random token    with probability 0.1 (drawn from the non-special ids),
+         its original token          with probability 0.1.
+       The unchanged 10% stop the model from learning "only [MASK] positions matter".
+    4. labels[b, t] = the original token at chosen positions, IGNORE_INDEX elsewhere.
+
+    "Dynamic" means the training loop calls this on every step, so the same sequence
+    gets a different mask each time it is seen (RoBERTa), not one mask fixed at
+    preprocessing time.
+
+    Args:
+        input_ids: (B, T) integer tensor of token ids; not modified.
+        vocab_size: V; random replacements are drawn from [0, V) minus `special_ids`.
+        mask_id: the id of [MASK].
+        special_ids: ids that are never chosen and never drawn as random replacements.
+        attention_mask: optional (B, T), 1 for real tokens and 0 for padding.
+        mask_prob: probability of choosing a maskable position.
+        generator: optional torch.Generator (on input_ids' device) for reproducibility.
+
+    Returns:
+        (masked_input_ids, labels), both (B, T) int64 on input_ids' device.
+    """
+    device = input_ids.device
+    input_ids = input_ids.long()
+    special = torch.tensor(sorted(set(special_ids)), dtype=torch.long, device=device)
+
+    maskable = ~torch.isin(input_ids, special)
+    if attention_mask is not None:
+        maskable &= attention_mask.bool()
+
+    # Step 2: choose targets. One uniform draw per position decides "chosen".
+    chosen = (torch.rand(input_ids.shape, generator=generator, device=device) < mask_prob) & maskable
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+
+    # Step 3: a second, independent uniform draw splits the chosen positions 80/10/10.
+    action = torch.rand(input_ids.shape, generator=generator, device=device)
+    to_mask_token = chosen & (action < MASK_TOKEN_SHARE)
+    to_random_token = chosen & (action >= MASK_TOKEN_SHARE) & (action < MASK_TOKEN_SHARE + RANDOM_TOKEN_SHARE)
+
+    # Random replacements come from the ordinary vocabulary only: a random [CLS] or
+    # [PAD] in the middle of a sentence would teach the model nothing useful.
+    ordinary = torch.ones(vocab_size, dtype=torch.bool, device=device)
+    ordinary[special[special < vocab_size]] = False
+    ordinary_ids = torch.nonzero(ordinary).squeeze(1)
+    pick = torch.randint(len(ordinary_ids), input_ids.shape, generator=generator, device=device)
+    random_tokens = ordinary_ids[pick]
+
+    masked = input_ids.clone()
+    masked[to_mask_token] = mask_id
+    masked[to_random_token] = random_tokens[to_random_token]
+    return masked, labels
+
+
+def summed_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Total negative log-likelihood over the target positions, and how many there are.
+
+    total = sum over positions with labels != IGNORE_INDEX of  -log softmax(logits)[label]
+
+    Summing (rather than averaging) lets an evaluation add up nats over many batches
+    of different sizes and divide once at the end, so every target counts equally.
+
+    Args:
+        logits: (..., V) float tensor (e.g. (B, T, V)).
+        labels: (...) integer tensor of target ids or IGNORE_INDEX (e.g. (B, T)).
+
+    Returns:
+        (total_nats as a 0-dim float32 tensor, number of target positions as an int).
+    """
+    vocab = logits.shape[-1]
+    total = F.cross_entropy(
+        logits.reshape(-1, vocab).float(),
+        labels.reshape(-1).long(),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    count = int((labels != IGNORE_INDEX).sum())
+    return total, count
+
+
+def bits_per_char(total_nats: float, n_chars: int) -> float:
+    """Bits per character:  bpc = total_nats / n_chars / ln 2.
+
+    total_nats is the summed negative log-likelihood (natural log) of *every* token of
+    a text, and n_chars the number of characters of that same text.
+
+    Why characters: the loss per token depends on the tokenizer — a tokenizer with
+    longer tokens has fewer, harder tokens, so "nats per token" of two runs with
+    different tokenizers (or a character-level model) cannot be compared. The total
+    nats for a text is the model's code length for the whole text whatever the
+    tokenization, and the character count of the text does not depend on the
+    tokenizer; their ratio compares any two models on the same text. Dividing by
+    ln 2 converts nats to bits.
+    """
+    if n_chars <= 0:
+        raise ValueError(f"n_chars must be positive, got {n_chars}")
+    return float(total_nats) / n_chars / math.log(2)
+
+
+def perplexity(mean_nats: float) -> float:
+    """Perplexity = exp(mean negative log-likelihood per token, in nats).
+
+    The "effective number of equally likely choices" per token. Like nats per token
+    it depends on the tokenizer; use bits_per_char to compare across tokenizers.
+    """
+    try:
+        return math.exp(mean_nats)
+    except OverflowError:  # mean_nats > ~709, e.g. a diverged run
+        return math.inf

@@ -1,0 +1,161 @@
+"""The model's contract: config round-trip, shapes, masks, heads, losses, init, sizes."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minilm import PRESETS, CausalLM, MaskedLM, ModelConfig, SequenceClassifier, preset
+from minilm.model import pool
+
+
+def tiny(name: str, **overrides) -> ModelConfig:
+    base = dict(vocab_size=61, max_seq_len=32, d_model=32, n_heads=4, d_ff=64, dropout=0.0, attn_dropout=0.0)
+    if name == "llama-tiny":
+        base["n_kv_heads"] = 2
+    return preset(name, **{**base, **overrides})
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_config_json_round_trip(name, tmp_path):
+    config = PRESETS[name]
+    config.save(tmp_path / "config.json")
+    assert ModelConfig.load(tmp_path / "config.json") == config
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="divisible"):
+        ModelConfig(d_model=30, n_heads=4)
+    with pytest.raises(ValueError, match="attention"):
+        ModelConfig(attention="flash")
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("bert-huge")
+    with pytest.raises(ValueError, match="unknown config fields"):
+        ModelConfig.from_dict({"d_modle": 3})
+
+
+def test_gpt2_small_has_gpt2_parameter_count():
+    # GPT-2 124M as released: 124,439,808 parameters with the tied LM head
+    with torch.device("meta"):
+        model = CausalLM(PRESETS["gpt2-small"])
+    assert model.num_parameters() == 124_439_808
+
+
+def test_flops_per_token_is_six_n_plus_attention():
+    config = PRESETS["gpt2-small"]
+    n = config.n_matmul_params()
+    assert config.flops_per_token(1024) == 6 * n + 12 * 12 * 768 * 1024
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_runs_every_head(name):
+    config = tiny(name)
+    ids = torch.randint(0, 61, (2, 9))
+    assert MaskedLM(config)(ids).logits.shape == (2, 9, 61)
+    assert CausalLM(config)(ids).logits.shape == (2, 9, 61)
+    assert SequenceClassifier(config)(ids).logits.shape == (2, 2)
+
+
+def test_causal_model_does_not_look_ahead():
+    model = CausalLM(tiny("gpt-mini")).eval()
+    ids = torch.randint(0, 61, (1, 12))
+    changed = ids.clone()
+    changed[0, 8:] = (changed[0, 8:] + 1) % 61
+    a, b = model(ids).logits, model(changed).logits
+    assert torch.allclose(a[:, :8], b[:, :8], atol=1e-6)
+    assert not torch.allclose(a[:, 8:], b[:, 8:])
+
+
+@pytest.mark.parametrize("name", ["bert-tiny", "gpt-mini", "llama-tiny"])
+def test_padding_does_not_change_real_positions(name):
+    model = MaskedLM(tiny(name)).eval() if name == "bert-tiny" else CausalLM(tiny(name)).eval()
+    ids = torch.randint(5, 61, (1, 7))
+    padded = torch.cat([ids, torch.zeros(1, 5, dtype=torch.long)], dim=1)
+    mask = torch.cat([torch.ones(1, 7), torch.zeros(1, 5)], dim=1).long()
+    assert torch.allclose(model(ids).logits, model(padded, mask).logits[:, :7], atol=1e-5)
+
+
+def test_mlm_head_only_at_masked_positions():
+    model = MaskedLM(tiny("bert-tiny")).eval()
+    ids = torch.randint(5, 61, (2, 10))
+    labels = torch.full_like(ids, -100)
+    labels[0, 3], labels[1, 1], labels[1, 8] = 7, 9, 11
+    out = model(ids, labels=labels)
+    full = model(ids).logits
+    assert out.logits.shape == (3, 61)
+    assert torch.allclose(out.logits, full[labels != -100], atol=1e-5)
+    nll = -F.log_softmax(full[labels != -100], -1)[torch.arange(3), torch.tensor([7, 9, 11])].mean()
+    assert torch.allclose(out.loss, nll, atol=1e-5)
+
+
+def test_causal_loss_is_mean_negative_log_likelihood_of_targets():
+    model = CausalLM(tiny("gpt-mini")).eval()
+    ids = torch.randint(0, 61, (2, 8))
+    targets = torch.randint(0, 61, (2, 8))
+    targets[1, 5:] = -100
+    out = model(ids, labels=targets)
+    logp = F.log_softmax(out.logits, -1)
+    keep = targets != -100
+    nll = -logp[keep].gather(1, targets[keep][:, None]).mean()
+    assert torch.allclose(out.loss, nll, atol=1e-5)
+
+
+def test_untrained_loss_is_near_log_vocab():
+    model = CausalLM(tiny("gpt-mini"))
+    ids, targets = torch.randint(0, 61, (4, 16)), torch.randint(0, 61, (4, 16))
+    assert abs(model(ids, labels=targets).loss.item() - math.log(61)) < 0.1
+
+
+def test_pooling_respects_padding():
+    h = torch.arange(2 * 4 * 3, dtype=torch.float).view(2, 4, 3)
+    right = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    left = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    assert torch.equal(pool(h, right, "cls"), h[:, 0])
+    assert torch.allclose(pool(h, right, "mean")[0], h[0, :2].mean(0))
+    assert torch.allclose(pool(h, right, "mean")[1], h[1].mean(0))
+    assert torch.equal(pool(h, right, "last"), torch.stack([h[0, 1], h[1, 3]]))
+    assert torch.equal(pool(h, left, "last"), torch.stack([h[0, 3], h[1, 3]]))
+
+
+def test_classifier_loss_and_class_weights():
+    model = SequenceClassifier(tiny("bert-tiny", num_labels=3)).eval()
+    ids = torch.randint(5, 61, (4, 6))
+    labels = torch.tensor([0, 1, 2, 1])
+    out = model(ids, labels=labels)
+    assert out.logits.shape == (4, 3)
+    assert torch.allclose(out.loss, F.cross_entropy(out.logits, labels))
+    weights = torch.tensor([1.0, 2.0, 0.5])
+    weighted = model(ids, labels=labels, class_weights=weights).loss
+    assert torch.allclose(weighted, F.cross_entropy(out.logits, labels, weight=weights))
+
+
+def test_tied_embeddings_share_storage_and_untied_do_not():
+    tied = CausalLM(tiny("gpt-mini"))
+    assert tied.lm_head.weight is tied.transformer.embeddings.tokens.weight
+    untied = CausalLM(tiny("llama-tiny"))
+    assert untied.lm_head.weight is not untied.transformer.embeddings.tokens.weight
+
+
+def test_residual_projections_get_scaled_init():
+    config = tiny("gpt-mini", d_model=256, d_ff=1024, n_layers=8)
+    model = CausalLM(config)
+    std_in = model.transformer.blocks[0].attn.qkv.weight.std().item()
+    std_out = model.transformer.blocks[0].mlp.fc_out.weight.std().item()
+    assert abs(std_in - 0.02) < 0.002
+    assert abs(std_out - 0.02 / math.sqrt(16)) < 0.001
+
+
+def test_sequence_longer_than_context_is_refused():
+    model = CausalLM(tiny("gpt-mini"))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_bf16_autocast_forward_backward():
+    model = CausalLM(tiny("llama-tiny"))
+    ids = torch.randint(0, 61, (2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, labels=ids)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and out.loss.dtype == torch.float32

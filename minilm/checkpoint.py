@@ -1,0 +1,111 @@
+"""The run directory: what a training run leaves on disk, written atomically.
+
+    runs/NAME/
+      config.json          model architecture (ModelConfig)
+      train_config.json    every flag of the run
+      tokenizer/           SentencePiece model + special-token map
+      model.safetensors    final weights          best.safetensors   best by validation
+      state/               resume: weights, optimizer, scaler, RNG, step  (trainer.pt + model.safetensors)
+      metrics.jsonl        one JSON object per logged step
+      summary.json         final metrics, tokens seen, wall time, versions
+      loss.png             curves (when matplotlib is installed)
+
+Weights are safetensors (no pickle, so loading a downloaded run cannot run code); the
+optimizer and RNG state use torch.save and are read back with weights_only=True.
+Every file is written to a temporary name and renamed into place, so an interrupted
+write never leaves a half file that looks valid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+
+from minilm.config import ModelConfig
+from minilm.errors import MinilmError
+from minilm.model import HEADS, PreTrained
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def save_weights(model: PreTrained, path: Path) -> None:
+    """safetensors; tied matrices are stored once and re-tied on load."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_model(model, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_weights(model: PreTrained, path: Path, strict: bool = True) -> PreTrained:
+    missing, unexpected = load_model(model, str(path), strict=strict)
+    return model
+
+
+def head_of(model: PreTrained) -> str:
+    return next(name for name, cls in HEADS.items() if type(model) is cls)
+
+
+def save_model_dir(model: PreTrained, directory: Path, weights_name: str = "model.safetensors") -> None:
+    """config.json (with the head recorded) + weights."""
+    directory.mkdir(parents=True, exist_ok=True)
+    write_json(directory / "config.json", {**model.config.to_dict(), "head": head_of(model)})
+    save_weights(model, directory / weights_name)
+
+
+def load_model_dir(directory: str | Path, weights_name: str = "model.safetensors",
+                   head: str | None = None) -> PreTrained:
+    """Rebuild a model from a run directory (config.json + safetensors weights)."""
+    directory = Path(directory)
+    config_path, weights = directory / "config.json", directory / weights_name
+    for path in (config_path, weights):
+        if not path.is_file():
+            raise MinilmError(f"{path} not found: is {directory} a minilm run directory (made by train.py/finetune.py)?")
+    fields = json.loads(config_path.read_text())
+    saved_head = fields.pop("head", "clm")
+    model = HEADS[head or saved_head](ModelConfig.from_dict(fields))
+    load_weights(model, weights)
+    return model
+
+
+# --------------------------------------------------------------------------------------
+# resume state: written as a directory, swapped in whole
+# --------------------------------------------------------------------------------------
+def save_state(run_dir: Path, model: PreTrained, trainer_state: dict) -> None:
+    """Weights + optimizer/scaler/RNG/step, consistent with each other.
+
+    Written to state.tmp/, then swapped for state/: a crash at any moment leaves either
+    the old complete state or the new complete state (state.old/ during the swap).
+    """
+    tmp, final, old = run_dir / "state.tmp", run_dir / "state", run_dir / "state.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(model, str(tmp / "model.safetensors"))
+    torch.save(trainer_state, tmp / "trainer.pt")
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_state(run_dir: Path, model: PreTrained) -> dict:
+    """Restore weights into `model` and return the trainer state dict (weights_only load)."""
+    state = run_dir / "state"
+    if not (state / "trainer.pt").is_file() and (run_dir / "state.old" / "trainer.pt").is_file():
+        state = run_dir / "state.old"          # crashed mid-swap: the previous state is whole
+    if not (state / "trainer.pt").is_file():
+        raise MinilmError(f"no resume state in {run_dir}/state: start a new run instead of --resume")
+    load_weights(model, state / "model.safetensors")
+    return torch.load(state / "trainer.pt", weights_only=True, map_location="cpu")

@@ -1,0 +1,320 @@
+"""The one training loop that train.py and finetune.py share.
+
+    for step:                                   lr = schedule(step, progress)
+        for micro-batch in grad_accum:          loss = model(**batch).loss / grad_accum
+            backward (scaled for fp16)
+        clip grad norm -> AdamW step -> zero grads
+        log / evaluate / keep best / save resume state
+    until max_steps, max_tokens or time_budget is reached
+
+Batches come from `get_batch(i)`, a pure function of the micro-batch index i: resuming at
+step s needs no data-loader state, only s. Together with the saved weights, optimizer,
+grad scaler and RNG state this makes an interrupted-and-resumed run bit-identical to an
+uninterrupted one (tests/test_training.py checks it).
+
+Device and precision are resolved here once (`resolve_device`, `resolve_dtype`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from minilm.checkpoint import load_state, save_state, save_weights
+from minilm.errors import MinilmError
+from minilm.model import PreTrained
+
+Batch = dict[str, torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------
+# device and precision, decided in one place
+# --------------------------------------------------------------------------------------
+def resolve_device(name: str = "auto") -> torch.device:
+    """auto: cuda -> mps -> cpu."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise MinilmError(f"--device {name!r} is not a device: use auto, cpu, cuda, cuda:N or mps") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MinilmError("--device cuda requested but no CUDA GPU is visible: use --device auto or cpu")
+    return device
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU multiplies bf16 natively (AVX512-BF16 or AMX): then bf16 is ~3x fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
+    """Autocast precision. auto: bf16 where the hardware does it natively, fp16 (+ grad
+    scaling) on older CUDA GPUs, fp32 otherwise. Weights and optimizer stay fp32."""
+    if name != "auto":
+        if name not in DTYPES:
+            raise MinilmError(f"--dtype {name!r}: choose auto, fp32, bf16 or fp16")
+        if name == "fp16" and device.type == "cpu":
+            raise MinilmError("--dtype fp16 is not supported on CPU: use bf16 or fp32")
+        return DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(k for k, v in DTYPES.items() if v == dtype)
+
+
+# --------------------------------------------------------------------------------------
+# optimizer and schedule
+# --------------------------------------------------------------------------------------
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
+                   device: torch.device) -> torch.optim.AdamW:
+    """AdamW; weight decay only on matrices that multiply activations.
+
+    Norm gains, biases and embedding tables (including a tied output matrix, which is
+    the embedding) are not decayed: shrinking them toward 0 has no regularising meaning.
+    """
+    embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and id(p) not in embedding_params else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # fused: one kernel for all parameters (CUDA, and CPU since torch 2.4)
+    fused = device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+
+
+def lr_at(step: int, progress: float, max_lr: float, warmup_steps: int, schedule: str,
+          min_lr_ratio: float) -> float:
+    """Linear warmup over the first steps, then decay over training progress p in [0, 1]:
+
+        cosine: lr = max_lr · (r + (1 - r) · ½(1 + cos πp))     linear: lr = max_lr · (r + (1 - r)(1 - p))
+        constant: lr = max_lr                                    (r = min_lr_ratio)
+
+    Progress is the fraction of the budget used (steps, tokens or seconds), so the
+    schedule also ends on time when the budget is wall-clock.
+    """
+    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    p = min(max(progress, 0.0), 1.0)
+    if schedule == "cosine":
+        decay = min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+    elif schedule == "linear":
+        decay = min_lr_ratio + (1 - min_lr_ratio) * (1 - p)
+    else:
+        decay = 1.0
+    return max_lr * warm * decay
+
+
+# --------------------------------------------------------------------------------------
+# the loop
+# --------------------------------------------------------------------------------------
+@dataclass
+class LoopConfig:
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    schedule: str = "cosine"          # cosine | linear | constant
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0            # max global grad norm; 0 disables
+    grad_accum: int = 1
+    max_steps: int | None = None
+    max_tokens: int | None = None
+    time_budget: float | None = None  # seconds of training (evaluation excluded)
+    log_every: int = 10
+    eval_every: int = 0               # steps; 0 -> only at the end
+    save_every: int = 0               # steps between resume states; 0 -> only at the end
+    best_metric: str = "val_loss"
+    best_mode: str = "min"            # min | max
+    patience: int = 0                 # early stopping after this many evals without improvement
+    compile: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not (self.max_steps or self.max_tokens or self.time_budget):
+            raise MinilmError("no training budget: give --max-steps, --max-tokens or --time-budget")
+        if self.grad_accum < 1:
+            raise MinilmError("--grad-accum must be >= 1")
+
+
+class Trainer:
+    """Runs `LoopConfig` on a model; owns the optimizer, scaler, metrics log and state files."""
+
+    def __init__(self, model: PreTrained, get_batch: Callable[[int], Batch], loop: LoopConfig,
+                 run_dir: Path, device: torch.device, dtype: torch.dtype,
+                 evaluate: Callable[[PreTrained], dict[str, float]] | None = None):
+        self.model, self.get_batch, self.loop, self.run_dir = model, get_batch, loop, Path(run_dir)
+        self.device, self.dtype, self.evaluate_fn = device, dtype, evaluate
+        self.optimizer = make_optimizer(model, loop.lr, loop.weight_decay, (loop.beta1, loop.beta2), device)
+        # fp16 has too few exponent bits for small gradients: scale the loss up, unscale before the step
+        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        self.step_model = torch.compile(model) if loop.compile else model
+        self.step = 0
+        self.tokens = 0
+        self.train_seconds = 0.0
+        self.best: float | None = None
+        self.evals_without_improvement = 0
+        self.history: list[dict] = []
+
+    # ---- state ------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens": self.tokens, "train_seconds": self.train_seconds,
+                "best": self.best, "evals_without_improvement": self.evals_without_improvement,
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+    def resume(self) -> None:
+        state = load_state(self.run_dir, self.model)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng_cpu"])
+        if state["rng_cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        self.step, self.tokens, self.train_seconds = state["step"], state["tokens"], state["train_seconds"]
+        self.best, self.evals_without_improvement = state["best"], state["evals_without_improvement"]
+        # drop log lines written after the state was saved: they will be written again
+        metrics = self.run_dir / "metrics.jsonl"
+        if metrics.exists():
+            rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+            self.history = [r for r in rows if r["step"] <= self.step]
+            metrics.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+
+    def save(self) -> None:
+        save_state(self.run_dir, self.model, self.state_dict())
+
+    # ---- progress and budget ------------------------------------------------------------
+    def progress(self) -> float:
+        loop, fractions = self.loop, []
+        if loop.max_steps:
+            fractions.append(self.step / loop.max_steps)
+        if loop.max_tokens:
+            fractions.append(self.tokens / loop.max_tokens)
+        if loop.time_budget:
+            fractions.append(self.train_seconds / loop.time_budget)
+        return max(fractions)
+
+    # ---- one optimisation step ----------------------------------------------------------
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step over grad_accum micro-batches; returns (mean loss, lr)."""
+        loop, model = self.loop, self.step_model
+        lr = lr_at(self.step, self.progress(), loop.lr, loop.warmup_steps, loop.schedule, loop.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        model.train()
+        total_loss = 0.0
+        for micro in range(loop.grad_accum):
+            batch = self.get_batch(self.step * loop.grad_accum + micro)
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            with autocast(self.device, self.dtype):
+                loss = model(**batch).loss / loop.grad_accum
+            self.scaler.scale(loss).backward()
+            total_loss += loss.item()
+            mask = batch.get("attention_mask")
+            self.tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        if loop.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), loop.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return total_loss, lr
+
+    def evaluate(self) -> dict[str, float]:
+        if self.evaluate_fn is None:
+            return {}
+        self.model.eval()
+        with torch.no_grad(), autocast(self.device, self.dtype):
+            metrics = self.evaluate_fn(self.model)
+        value = metrics.get(self.loop.best_metric)
+        if value is not None:
+            better = self.best is None or (value < self.best if self.loop.best_mode == "min" else value > self.best)
+            if better:
+                self.best = value
+                self.evals_without_improvement = 0
+                save_weights(self.model, self.run_dir / "best.safetensors")
+            else:
+                self.evals_without_improvement += 1
+        return metrics
+
+    def log(self, row: dict) -> None:
+        self.history.append(row)
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def fit(self) -> dict:
+        """Train until the budget is spent; returns the final metrics."""
+        loop = self.loop
+        bar = tqdm(total=100, initial=round(100 * self.progress(), 1), disable=not loop.progress,
+                   bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}<{remaining}{postfix}]", dynamic_ncols=True)
+        window_loss, window_tokens, window_time = 0.0, 0, 0.0
+        stop_reason = "budget"
+        while self.progress() < 1.0:
+            t0, tokens0 = time.perf_counter(), self.tokens
+            loss, lr = self.train_step()
+            if not math.isfinite(loss):
+                raise MinilmError(f"loss became {loss} at step {self.step}: lower --lr or use --dtype fp32")
+            elapsed = time.perf_counter() - t0
+            self.train_seconds += elapsed
+            window_loss, window_tokens, window_time = window_loss + loss, window_tokens + self.tokens - tokens0, window_time + elapsed
+            row = None
+            if self.step % loop.log_every == 0:
+                steps_in_window = loop.log_every
+                row = {"step": self.step, "tokens": self.tokens, "lr": lr, "loss": window_loss / steps_in_window,
+                       "tok_per_s": window_tokens / max(window_time, 1e-9), "train_seconds": self.train_seconds}
+                bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tok_per_s']:.0f}")
+                window_loss, window_tokens, window_time = 0.0, 0, 0.0
+            if loop.eval_every and self.step % loop.eval_every == 0 and self.progress() < 1.0:
+                metrics = self.evaluate()
+                row = {**(row or {"step": self.step, "tokens": self.tokens, "lr": lr}), **metrics}
+                if loop.patience and self.evals_without_improvement >= loop.patience:
+                    stop_reason = f"early stop: {loop.best_metric} did not improve in {loop.patience} evaluations"
+            if row is not None:
+                self.log(row)
+            bar.n = round(min(100.0, 100 * self.progress()), 1)
+            bar.refresh()
+            if loop.save_every and self.step % loop.save_every == 0:
+                self.save()
+            if stop_reason != "budget":
+                break
+        bar.close()
+        final = self.evaluate()
+        self.log({"step": self.step, "tokens": self.tokens, "lr": lr_at(self.step, self.progress(), loop.lr,
+                  loop.warmup_steps, loop.schedule, loop.min_lr_ratio), "train_seconds": self.train_seconds, **final})
+        save_weights(self.model, self.run_dir / "model.safetensors")
+        self.save()
+        return {"stop_reason": stop_reason, "steps": self.step, "tokens": self.tokens,
+                "train_seconds": round(self.train_seconds, 2), "best": self.best, **final}
+

@@ -1,0 +1,105 @@
+"""The shared training loop: schedule, optimizer groups, budgets, best checkpoint, exact resume."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from minilm import CausalLM, preset
+from minilm.errors import MinilmError
+from minilm.training import LoopConfig, Trainer, lr_at, make_optimizer, resolve_dtype
+
+
+def tiny_model(seed: int = 0) -> CausalLM:
+    torch.manual_seed(seed)
+    return CausalLM(preset("gpt-mini", vocab_size=50, max_seq_len=16, d_model=32, n_heads=4, d_ff=64,
+                           dropout=0.1, attn_dropout=0.1))
+
+
+def get_batch(i: int) -> dict:
+    """A pure function of the micro-batch index, like the real data pipeline."""
+    g = torch.Generator().manual_seed(1000 + i)
+    x = torch.randint(0, 50, (4, 17), generator=g)
+    return {"input_ids": x[:, :-1], "labels": x[:, 1:]}
+
+
+def test_lr_schedule_warms_up_then_decays_to_floor():
+    lrs = [lr_at(s, s / 100, 1.0, 10, "cosine", 0.1) for s in range(101)]
+    assert lrs[0] == pytest.approx(0.1 * (0.1 + 0.9 * 0.5 * (1 + math.cos(0))))
+    assert max(lrs) == pytest.approx(lrs[9]) and lrs[9] > 0.98
+    assert lrs[100] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lr_at(50, 0.5, 1.0, 0, "linear", 0.0) == pytest.approx(0.5)
+
+
+def test_no_weight_decay_on_norms_biases_embeddings():
+    model = tiny_model()
+    opt = make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), torch.device("cpu"))
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    for name, p in model.named_parameters():
+        should = p.dim() >= 2 and "embeddings" not in name
+        assert (id(p) in decayed) == should, name
+
+
+def test_needs_a_budget():
+    with pytest.raises(MinilmError, match="budget"):
+        LoopConfig()
+
+
+def test_dtype_resolution():
+    cpu = torch.device("cpu")
+    assert resolve_dtype(cpu, "fp32") == torch.float32
+    assert resolve_dtype(cpu, "auto") in (torch.float32, torch.bfloat16)
+    with pytest.raises(MinilmError):
+        resolve_dtype(cpu, "fp16")
+
+
+def run(tmp_path, steps, resume=False, interrupt_at=None, evaluate=None):
+    loop = LoopConfig(lr=3e-3, warmup_steps=3, max_steps=steps, log_every=1, save_every=4, progress=False)
+
+    def batches(i):
+        if interrupt_at is not None and i == interrupt_at:
+            raise KeyboardInterrupt
+        return get_batch(i)
+
+    trainer = Trainer(tiny_model(), batches, loop, tmp_path, torch.device("cpu"), torch.float32, evaluate)
+    if resume:
+        trainer.resume()
+    return trainer.fit()
+
+
+def losses(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def test_training_reduces_loss(tmp_path):
+    run(tmp_path, 30)
+    curve = losses(tmp_path)
+    assert curve[-1][1] < curve[0][1]
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    straight.mkdir(), broken.mkdir()
+    run(straight, 12)
+    with pytest.raises(KeyboardInterrupt):
+        run(broken, 12, interrupt_at=10)             # dies in step 10, after the state saved at step 8
+    assert max(step for step, _ in losses(broken)) == 10    # steps 1..10 were logged; 9, 10 get redone
+    run(broken, 12, resume=True)
+    assert losses(broken) == losses(straight)          # identical curve, bit for bit
+    a, b = load_file(straight / "model.safetensors"), load_file(broken / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_best_checkpoint_and_early_stopping(tmp_path):
+    scores = iter([3.0, 2.0, 2.5, 2.6, 2.7, 2.8, 2.9])
+    loop = LoopConfig(lr=1e-3, warmup_steps=0, max_steps=100, eval_every=2, patience=2, progress=False)
+    trainer = Trainer(tiny_model(), get_batch, loop, tmp_path, torch.device("cpu"), torch.float32,
+                      evaluate=lambda model: {"val_loss": next(scores)})
+    summary = trainer.fit()
+    assert summary["stop_reason"].startswith("early stop")
+    assert summary["steps"] == 8 and summary["best"] == 2.0
+    assert (tmp_path / "best.safetensors").is_file() and (tmp_path / "model.safetensors").is_file()

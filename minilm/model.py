@@ -24,8 +24,7 @@ from torch import Tensor, nn
 
 from minilm.attention import ATTENTION, KVCache, SelfAttention, build_keep_mask, rope_tables
 from minilm.config import ModelConfig
-
-IGNORE_INDEX = -100  # label value that contributes no loss (padding, unmasked tokens)
+from minilm.objectives import IGNORE_INDEX  # label value that contributes no loss
 
 
 @dataclass

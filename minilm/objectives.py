@@ -4,7 +4,8 @@ The model maps token ids to logits; this module turns batches into what the mode
 must predict and turns the model's predictions into numbers:
 
     masked LM  : input_ids ──mask_tokens──► (masked_input_ids, labels)   BERT, dynamic
-    causal LM  : the shift y[t] = x[t+1] is done by the data (minilm.data.CLMBatches)
+    causal LM  : the shift y[t] = x[t+1]: done by the data (minilm.data.CLMBatches),
+                 or shift_for_clm for whole padded sequences
     both       : logits, labels ──summed_nll──► (total nats, number of targets)
                  total nats ──bits_per_char / perplexity──► the numbers we report
 
@@ -105,6 +106,33 @@ def mask_tokens(
     masked[to_mask_token] = mask_id
     masked[to_random_token] = random_tokens[to_random_token]
     return masked, labels
+
+
+def shift_for_clm(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal-LM labels aligned with the inputs: labels[:, t] = input_ids[:, t+1].
+
+    The model at position t has seen input_ids[:, :t+1] and must predict the next
+    token, so the target of position t is input_ids[:, t+1]. The last position has
+    no next token, and a position whose next token is padding (attention_mask 0)
+    has nothing to predict; both get IGNORE_INDEX.
+
+    (minilm.data.CLMBatches already returns (x, y) shifted this way; this function is
+    for batches that arrive as whole sequences, e.g. padded prompts or fine-tuning.)
+
+    Args:
+        input_ids: (B, T) token ids.
+        attention_mask: optional (B, T), 1 for real tokens, 0 for padding.
+
+    Returns:
+        labels, (B, T) int64.
+    """
+    labels = torch.full_like(input_ids, IGNORE_INDEX, dtype=torch.long)
+    labels[:, :-1] = input_ids[:, 1:]
+    if attention_mask is not None:
+        next_is_padding = torch.zeros_like(labels, dtype=torch.bool)
+        next_is_padding[:, :-1] = attention_mask[:, 1:] == 0
+        labels[next_is_padding] = IGNORE_INDEX
+    return labels
 
 
 def summed_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:

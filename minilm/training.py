@@ -172,7 +172,9 @@ class Trainer:
 
     def __init__(self, model: PreTrained, get_batch: Callable[[int], Batch], loop: LoopConfig,
                  run_dir: Path, device: torch.device, dtype: torch.dtype,
-                 evaluate: Callable[[PreTrained], dict[str, float]] | None = None):
+                 evaluate: Callable[[PreTrained, bool], dict[str, float]] | None = None):
+        """evaluate(model, final) -> metrics; final=True at the end asks for the full score
+        (periodic evaluations may use a cheaper subset)."""
         self.model, self.get_batch, self.loop, self.run_dir = model, get_batch, loop, Path(run_dir)
         self.device, self.dtype, self.evaluate_fn = device, dtype, evaluate
         self.optimizer = make_optimizer(model, loop.lr, loop.weight_decay, (loop.beta1, loop.beta2), device)
@@ -251,12 +253,12 @@ class Trainer:
         self.step += 1
         return total_loss, lr
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, final: bool = False) -> dict[str, float]:
         if self.evaluate_fn is None:
             return {}
         self.model.eval()
         with torch.no_grad(), autocast(self.device, self.dtype):
-            metrics = self.evaluate_fn(self.model)
+            metrics = self.evaluate_fn(self.model, final)
         value = metrics.get(self.loop.best_metric)
         if value is not None:
             better = self.best is None or (value < self.best if self.loop.best_mode == "min" else value > self.best)
@@ -310,7 +312,7 @@ class Trainer:
             if stop_reason != "budget":
                 break
         bar.close()
-        final = self.evaluate()
+        final = self.evaluate(final=True)
         self.log({"step": self.step, "tokens": self.tokens, "lr": lr_at(self.step, self.progress(), loop.lr,
                   loop.warmup_steps, loop.schedule, loop.min_lr_ratio), "train_seconds": self.train_seconds, **final})
         save_weights(self.model, self.run_dir / "model.safetensors")

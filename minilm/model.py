@@ -154,7 +154,8 @@ class Transformer(nn.Module):
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None
         square_causal = config.causal and attention_mask is None and past == 0
-        keep = None if square_causal else build_keep_mask(attention_mask, T, S, config.causal and T > 1)
+        keep = None if square_causal else build_keep_mask(attention_mask, T, S, config.causal and T > 1,
+                                                           input_ids.device)
 
         rope = None
         if config.position == "rope":

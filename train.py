@@ -106,7 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         line += f", masked-token accuracy {summary['val_mlm_acc']:.1%}"
     print(line)
     print(f"outputs: {cfg.out}/  (model.safetensors, best.safetensors, metrics.jsonl, summary.json, loss.png)")
-    kind = "--prompt \"And God said\"" if cfg.objective == "clm" else "--prompt \"In the beginning God created the [MASK].\""
+    if cfg.objective == "clm":
+        kind = '--prompt "And God said"' if not cfg.data else '--prompt "The"'
+    else:
+        kind = '--prompt "In the beginning God created the [MASK]."' if not cfg.data else '--prompt "The [MASK] is here."'
     print(f"try:     python -m minilm.sample {cfg.out} {kind}")
     return 0
 

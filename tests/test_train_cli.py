@@ -1,0 +1,90 @@
+"""train.py end to end on tiny generated text: both objectives, resume, errors."""
+
+import json
+import random
+
+import pytest
+
+import minilm.data as data
+import train
+from minilm.checkpoint import load_model_dir
+from minilm.cli import main_guard
+
+WORDS = ("the cat dog sat ran on a mat log red blue big small quick slow bird fish tree "
+         "house river hill sun moon star day night").split()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
+    paragraphs = []
+    for _ in range(300):
+        sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 10))).capitalize() + "."
+                     for _ in range(rng.randint(1, 4))]
+        paragraphs.append(" ".join(sentences))
+    path.write_text("\n\n".join(paragraphs) + "\n")
+    return path
+
+
+def tiny_args(corpus, out, objective, *extra):
+    return ["--data", str(corpus), "--out", str(out), "--objective", objective,
+            "--preset", "bert-tiny" if objective == "mlm" else "gpt-mini", "--d-model", "32", "--n-heads", "2",
+            "--d-ff", "64", "--n-layers", "2", "--vocab-size", "400", "--seq-len", "32", "--batch-size", "4",
+            "--warmup-steps", "2", "--log-every", "1", "--eval-every", "3", "--no-progress",
+            "--cache-dir", str(out.parent / "cache"), "--dtype", "fp32", *extra]
+
+
+@pytest.mark.parametrize("objective", ["clm", "mlm"])
+def test_tiny_run_leaves_a_complete_run_directory(corpus, tmp_path, objective, capsys):
+    out = tmp_path / "run"
+    assert train.main(tiny_args(corpus, out, objective, "--max-steps", "6")) == 0
+    for name in ("config.json", "train_config.json", "tokenizer/tokenizer.model", "model.safetensors",
+                 "best.safetensors", "state/trainer.pt", "metrics.jsonl", "summary.json"):
+        assert (out / name).exists(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["val_loss"] > 0
+    assert ("val_bpc" in summary) == (objective == "clm")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert load_model_dir(out).config.causal == (objective == "clm")
+    assert str(out) in capsys.readouterr().out
+
+
+def test_interrupted_then_resumed_run_matches_the_uninterrupted_one(corpus, tmp_path, monkeypatch):
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    assert train.main(tiny_args(corpus, straight, "clm", "--max-steps", "8", "--save-every", "4")) == 0
+
+    original = data.CLMBatches.batch
+
+    def crash_at_step_5(self, step):  # as if the machine died during step 6, after the save at 4
+        if step == 5:
+            raise KeyboardInterrupt
+        return original(self, step)
+
+    monkeypatch.setattr(data.CLMBatches, "batch", crash_at_step_5)
+    assert main_guard(lambda: train.main(tiny_args(corpus, broken, "clm", "--max-steps", "8", "--save-every", "4"))) == 130
+    monkeypatch.setattr(data.CLMBatches, "batch", original)
+    assert train.main(tiny_args(corpus, broken, "clm", "--max-steps", "8", "--save-every", "4", "--resume")) == 0
+
+    def curve(run):
+        rows = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+        return [(r["step"], r.get("loss"), r.get("val_loss")) for r in rows]
+
+    assert curve(broken) == curve(straight)
+
+
+def test_existing_run_is_not_overwritten(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(tiny_args(corpus, out, "clm", "--max-steps", "2")) == 0
+    before = (out / "model.safetensors").read_bytes()
+    assert main_guard(lambda: train.main(tiny_args(corpus, out, "clm", "--max-steps", "2"))) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "model.safetensors").read_bytes() == before
+
+
+def test_missing_data_is_one_line_error(tmp_path, capsys):
+    code = main_guard(lambda: train.main(["--data", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "r"),
+                                          "--max-steps", "1"]))
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error:") and err.count("\n") == 1

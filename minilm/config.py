@@ -110,13 +110,14 @@ class ModelConfig:
 
     # ---- size accounting -------------------------------------------------------------
     def flops_per_token(self, seq_len: int | None = None, n_params: int | None = None) -> float:
-        """Training FLOPs per token (forward + backward), Kaplan/PaLM estimate.
+        """Training FLOPs per token (forward + backward), the PaLM-paper estimate:
 
-        6·N for the weight matmuls (2 forward, 4 backward per multiply-add) plus
-        attention's score and value products: 6 · L · d · T_ctx · 2 / 2 (causal halves it)
-        is usually written 12·L·d·T for the full square; we keep the full-square form
-        (what a dense kernel computes). N excludes the embedding tables, which are
-        lookups, except that a tied output projection is a real matmul and is counted.
+            6·N + 12·L·d·T
+
+        6·N: each weight is used in one multiply-add (2 FLOPs) forward and two backward.
+        12·L·d·T: the attention scores QKᵀ and the mix ·V, which have no weights, over a
+        context of T tokens (full square, as a dense kernel computes it). N counts the
+        weights in matmuls: the blocks and the output projection, not the embedding lookups.
         """
         seq_len = seq_len or self.max_seq_len
         if n_params is None:

@@ -16,14 +16,14 @@ import argparse
 import sys
 import time
 
-from minilm.cli import main_guard
+from minilm.cli import HelpFormatter, main_guard
 from minilm.config import PRESETS
 from minilm.pretrain import PretrainConfig, run
 from minilm.training import LoopConfig
 
 
 def parse_args(argv: list[str] | None) -> PretrainConfig:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument_group("data")
     a.add_argument("--data", nargs="*", default=[], help="text files, directories, globs (.txt/.jsonl) or a "
                    "named corpus (tinyshakespeare); none: the embedded King James Bible")

@@ -80,6 +80,13 @@ def load_model_dir(directory: str | Path, weights_name: str = "model.safetensors
     return model
 
 
+def new_run_dir(out: Path, hint: str = "pass --out a new directory") -> None:
+    """Create `out` for a new run (or export); never write into an existing, non-empty one."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise MinilmError(f"{out} already exists and is not empty; {hint}")
+    out.mkdir(parents=True, exist_ok=True)
+
+
 # --------------------------------------------------------------------------------------
 # resume state: written as a directory, swapped in whole
 # --------------------------------------------------------------------------------------

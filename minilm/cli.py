@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
 
@@ -18,3 +19,7 @@ def main_guard(main: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print("interrupted: the last saved state is kept; continue with --resume --out RUN_DIR", file=sys.stderr)
         return 130
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help with every default shown, and the description (usage examples) kept as written."""

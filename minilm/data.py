@@ -739,7 +739,7 @@ def prepare_tokens(
 # =====================================================================================
 
 
-def _step_rng(seed: int, counter: int, stream: int = 0) -> np.random.Generator:
+def step_rng(seed: int, counter: int, stream: int = 0) -> np.random.Generator:
     """A random generator that depends only on (seed, stream, counter), e.g. counter = step.
 
     Seeding a fresh generator from these numbers (numpy hashes them with SeedSequence)
@@ -777,7 +777,7 @@ class CLMBatches:
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The (x, y) batch of training step `step`, each (B, T) int64."""
-        rng = _step_rng(self.seed, step)
+        rng = step_rng(self.seed, step)
         starts = rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size)  # high is exclusive
         # (B, T+1) index matrix; fancy indexing reads just these tokens from the memmap.
         windows = self.tokens[starts[:, None] + np.arange(self.seq_len + 1)].astype(np.int64)
@@ -936,7 +936,7 @@ class MLMBatches:
     def _epoch_order(self, epoch: int) -> np.ndarray:
         """The order in which epoch `epoch` visits the packed sequences."""
         if self._cached_epoch is None or self._cached_epoch[0] != epoch:
-            order = _step_rng(self.seed, epoch, stream=1).permutation(self.plan.num_sequences)
+            order = step_rng(self.seed, epoch, stream=1).permutation(self.plan.num_sequences)
             self._cached_epoch = (epoch, order)
         return self._cached_epoch[1]
 

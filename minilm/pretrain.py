@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from minilm import data
-from minilm.checkpoint import save_model_dir, write_json
+from minilm.checkpoint import new_run_dir, save_model_dir, write_json
 from minilm.config import ModelConfig, preset
 from minilm.errors import MinilmError
 from minilm.model import CausalLM, MaskedLM, PreTrained
@@ -208,9 +208,7 @@ def prepare_run_dir(out: Path, resume: bool) -> None:
         if not (out / "state").is_dir() and not (out / "state.old").is_dir():
             raise MinilmError(f"--resume: {out} has no saved state; run without --resume to start it")
         return
-    if out.exists() and any(out.iterdir()):
-        raise MinilmError(f"{out} already holds a run; pass --resume to continue it or --out a new directory")
-    out.mkdir(parents=True, exist_ok=True)
+    new_run_dir(out, hint="pass --resume to continue that run or --out a new directory")
 
 
 def run(cfg: PretrainConfig) -> dict:

@@ -79,7 +79,7 @@ def test_existing_run_is_not_overwritten(corpus, tmp_path, capsys):
     assert train.main(tiny_args(corpus, out, "clm", "--max-steps", "2")) == 0
     before = (out / "model.safetensors").read_bytes()
     assert main_guard(lambda: train.main(tiny_args(corpus, out, "clm", "--max-steps", "2"))) == 2
-    assert "already holds a run" in capsys.readouterr().err
+    assert "already exists" in capsys.readouterr().err
     assert (out / "model.safetensors").read_bytes() == before
 
 

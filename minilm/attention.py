@@ -11,7 +11,7 @@ Two programs compute this one function (tests prove they agree to 1e-5):
   * `manual_attention`: five lines you can read — scores, mask, softmax, dropout, mix.
   * `sdpa_attention`: torch.nn.functional.scaled_dot_product_attention, which on CUDA
     dispatches to FlashAttention / memory-efficient kernels that never materialise the
-    (T, S) score matrix.
+    (T, S) score matrix (and on CPU, without dropout, to a fused flash kernel too).
 
 Masks are boolean `keep` tensors, True where query t may look at key s, broadcast to
 (B, nh, T, S). A masked score is set to the most negative finite float, never -inf, and
@@ -61,6 +61,42 @@ def build_keep_mask(attention_mask: Tensor | None, T: int, S: int, causal: bool,
 
 
 # --------------------------------------------------------------------------------------
+# dropout
+# --------------------------------------------------------------------------------------
+def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
+    """Zero each element with probability p and scale the survivors by 1 / (1 - p).
+
+    The same function as F.dropout (inverted dropout: the expected value is unchanged).
+    On CPU, F.dropout draws its mask with bernoulli_, which generates a random double
+    (two 32-bit random numbers) per element, one element at a time; a uniform float
+    needs one, so drawing the mask as `rand >= p` costs about half, and the random
+    numbers are a large share of a CPU training step. Elsewhere (CUDA: one fused kernel)
+    F.dropout is used as it is.
+    """
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu" or p >= 1.0:
+        return F.dropout(x, p, training=True)
+    # float32 uniforms whatever x's dtype: a bf16 uniform is too coarse to hit p exactly
+    scale = torch.rand_like(x, dtype=torch.float32).ge_(p).mul_(1.0 / (1.0 - p))  # 1/(1-p) kept, 0 dropped
+    return x * scale.to(x.dtype)
+
+
+def keep_for_rows(keep: Tensor | None, is_causal: bool, rows: Tensor, T: int, S: int) -> Tensor | None:
+    """The mask of only some query rows: rows (B, M) positions -> (B, 1, M, S), or None.
+
+    A key-padding mask (…, 1, S) is the same for every query and stays as it is; a mask
+    with a query axis (causal) keeps the rows of the selected queries.
+    """
+    if is_causal:
+        keep = causal_keep(T, S, rows.device)[None, None]                  # (1, 1, T, S)
+    if keep is None or keep.size(2) == 1:
+        return keep
+    keep = keep.expand(rows.size(0), 1, T, S)
+    return keep.gather(2, rows[:, None, :, None].expand(-1, 1, -1, S))      # (B, 1, M, S)
+
+
+# --------------------------------------------------------------------------------------
 # the two attention programs
 # --------------------------------------------------------------------------------------
 def manual_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None = None,
@@ -77,13 +113,17 @@ def manual_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None = None
         v = repeat(v, "b g s hs -> b (g r) s hs", r=n_rep)
     if is_causal:
         keep = causal_keep(q.size(2), k.size(2), q.device)
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))             # (B, nh, T, S)
+    # scaling q (T·hs numbers) instead of the scores (T·S numbers) is the same product, cheaper
+    scores = (q / math.sqrt(q.size(-1))) @ k.transpose(-2, -1)           # (B, nh, T, S)
     if keep is not None:
-        scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+        hidden = ~keep
+        scores = scores.masked_fill(hidden, torch.finfo(scores.dtype).min)
     probs = scores.softmax(dim=-1)                                       # rows sum to 1
-    if keep is not None:  # a row with no visible key: all weights 0 (else uniform garbage)
-        probs = probs.masked_fill(~keep, 0.0)
-    probs = F.dropout(probs, p=dropout_p, training=dropout_p > 0)
+    # A row with no visible key: all weights 0 (else uniform garbage). A causal row always
+    # sees its own key, and then its hidden weights are already exactly 0 (exp underflows).
+    if keep is not None and not is_causal:
+        probs = probs.masked_fill(hidden, 0.0)
+    probs = dropout(probs, dropout_p)
     return probs @ v                                                     # (B, nh, T, hs)
 
 
@@ -93,7 +133,14 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None = None,
 
     With `is_causal` and no mask, no (T, S) tensor is built at all — the kernel applies
     causality itself. GQA is handled inside the kernel (no repeated K/V in memory).
+
+    PyTorch has no fused CPU kernel with attention dropout: SDPA then runs its reference
+    composite, the manual program plus passes that guard against fully masked rows. In
+    that one case (CPU, training) the manual program computes the same thing faster,
+    so it is used instead.
     """
+    if dropout_p > 0.0 and q.device.type == "cpu":
+        return manual_attention(q, k, v, keep, is_causal, dropout_p)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout_p,
                                           is_causal=is_causal, enable_gqa=q.size(1) != k.size(1))
 
@@ -175,7 +222,10 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: Tensor, keep: Tensor | None, is_causal: bool,
                 rope: tuple[Tensor, Tensor] | None = None, cache: KVCache | None = None,
-                attention: str = "sdpa") -> Tensor:
+                attention: str = "sdpa", rows: Tensor | None = None) -> Tensor:
+        """x (B, T, d) -> (B, T, d); with `rows` (B, M), only the queries at those positions
+        are computed (keys and values still come from all T) -> (B, M, d). `keep` must then
+        already be the mask of those M query rows."""
         q_size, kv_size = self.n_heads * self.head_size, self.n_kv_heads * self.head_size
         q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
         q = rearrange(q, "b t (h hs) -> b h t hs", h=self.n_heads)        # (B, nh, T, hs)
@@ -184,8 +234,10 @@ class SelfAttention(nn.Module):
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if rows is not None:                                              # (B, nh, M, hs)
+            q = q.gather(2, rows[:, None, :, None].expand(-1, q.size(1), -1, q.size(3)))
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)                   # (B, nkv, S, hs)
         dropout_p = self.attn_dropout if self.training else 0.0
-        y = ATTENTION[attention](q, k, v, keep, is_causal, dropout_p)     # (B, nh, T, hs)
+        y = ATTENTION[attention](q, k, v, keep, is_causal, dropout_p)     # (B, nh, T or M, hs)
         return self.out(rearrange(y, "b h t hs -> b t (h hs)"))

@@ -45,7 +45,7 @@ from minilm.config import ModelConfig, preset
 from minilm.errors import MinilmError
 from minilm.model import PreTrained, SequenceClassifier
 from minilm.pretrain import plot_curves, say
-from minilm.training import LoopConfig, Trainer, autocast, dtype_name, resolve_device, resolve_dtype
+from minilm.training import LoopConfig, Trainer, autocast, dtype_name, resolve_device, setup_device
 
 METRICS = {"accuracy": "val_accuracy", "macro_f1": "val_macro_f1"}
 # Peak learning rates when --lr is not given. A pretrained body needs small steps or it
@@ -352,9 +352,7 @@ def run(cfg: FinetuneConfig) -> dict:
     check_choices(cfg)
     out = Path(cfg.out)
     new_run_dir(out)
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(device, cfg.dtype)
-    say(f"device: {device}, precision: {dtype_name(dtype)} autocast, threads: {torch.get_num_threads()}")
+    device, dtype = setup_device(cfg.device, cfg.dtype)
     wall0 = time.perf_counter()
 
     train, val = load_data(cfg)

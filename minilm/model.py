@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minilm.attention import ATTENTION, KVCache, SelfAttention, build_keep_mask, rope_tables
+from minilm.attention import (ATTENTION, KVCache, SelfAttention, build_keep_mask, dropout, keep_for_rows,
+                              rope_tables)
 from minilm.config import ModelConfig
 from minilm.objectives import IGNORE_INDEX  # label value that contributes no loss
 
@@ -31,6 +32,19 @@ from minilm.objectives import IGNORE_INDEX  # label value that contributes no lo
 class ModelOutput:
     logits: Tensor                 # (B, T, V), (N_masked, V) or (B, num_labels)
     loss: Tensor | None = None     # mean cross-entropy in nats, when labels are given
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout computed by `minilm.attention.dropout`: the same function, a cheaper
+    random mask on CPU (see there)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return dropout(x, self.p, self.training)
+
+
+def take_rows(x: Tensor, rows: Tensor) -> Tensor:
+    """x (B, T, d), rows (B, M) positions -> (B, M, d): row b keeps x[b, rows[b]]."""
+    return x.gather(1, rows[..., None].expand(-1, -1, x.size(-1)))
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
@@ -80,15 +94,18 @@ class Block(nn.Module):
         self.attn = SelfAttention(config, layer_index)
         self.mlp_norm = make_norm(config)
         self.mlp = MLP(config)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
-    def forward(self, x: Tensor, keep: Tensor | None, is_causal: bool,
-                rope: tuple[Tensor, Tensor] | None, cache: KVCache | None, attention: str) -> Tensor:
+    def forward(self, x: Tensor, keep: Tensor | None, is_causal: bool, rope: tuple[Tensor, Tensor] | None,
+                cache: KVCache | None, attention: str, rows: Tensor | None = None) -> Tensor:
+        """x (B, T, d) -> (B, T, d), or (B, M, d) for only the positions `rows` (B, M)."""
+        # with rows, the residual stream continues at those positions only
+        residual = x if rows is None else take_rows(x, rows)
         if self.pre_norm:
-            x = x + self.dropout(self.attn(self.attn_norm(x), keep, is_causal, rope, cache, attention))
+            x = residual + self.dropout(self.attn(self.attn_norm(x), keep, is_causal, rope, cache, attention, rows))
             x = x + self.dropout(self.mlp(self.mlp_norm(x)))
         else:
-            x = self.attn_norm(x + self.dropout(self.attn(x, keep, is_causal, rope, cache, attention)))
+            x = self.attn_norm(residual + self.dropout(self.attn(x, keep, is_causal, rope, cache, attention, rows)))
             x = self.mlp_norm(x + self.dropout(self.mlp(x)))
         return x
 
@@ -102,7 +119,7 @@ class Embeddings(nn.Module):
         self.positions = nn.Embedding(config.max_seq_len, config.d_model) if config.position == "learned" else None
         self.token_types = nn.Embedding(config.type_vocab_size, config.d_model) if config.type_vocab_size else None
         self.norm = make_norm(config) if config.norm_position == "post" else None
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, token_type_ids: Tensor | None) -> Tensor:
         x = self.tokens(input_ids)                                          # (B, T, d)
@@ -133,10 +150,17 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 token_type_ids: Tensor | None = None, position_ids: Tensor | None = None,
-                cache: KVCache | None = None, attention: str | None = None) -> Tensor:
+                cache: KVCache | None = None, attention: str | None = None,
+                rows: Tensor | None = None) -> Tensor:
         """input_ids (B, T); attention_mask (B, S) 1 = real token (S = cached + T);
         position_ids (B, T), default past_length + 0 … T-1; attention "sdpa"|"manual"
-        overrides the config for this call. Returns hidden states (B, T, d)."""
+        overrides the config for this call. Returns hidden states (B, T, d).
+
+        rows (B, M): the positions the caller will read (a head that needs few: MLM
+        targets, the pooled token). The last block then computes only those rows — its
+        queries, attention output, MLP and norms; its keys and values still come from all
+        T positions, and every earlier block runs in full, since later layers read all of
+        it. Returns (B, M, d), row b holding the hidden states at positions rows[b]."""
         config = self.config
         attention = attention or config.attention
         if attention not in ATTENTION:
@@ -146,6 +170,8 @@ class Transformer(nn.Module):
         S = past + T
         if S > config.max_seq_len:
             raise ValueError(f"sequence of {S} tokens exceeds max_seq_len={config.max_seq_len}")
+        if rows is not None and cache is not None:
+            raise ValueError("rows and a KV cache cannot be combined: a cache needs every position's keys")
         if position_ids is None:
             position_ids = torch.arange(past, S, device=input_ids.device)[None]   # (1, T)
 
@@ -164,8 +190,13 @@ class Transformer(nn.Module):
             rope = (cos, sin)
 
         x = self.embeddings(input_ids, position_ids, token_type_ids)           # (B, T, d)
-        for block in self.blocks:
-            x = block(x, keep, square_causal, rope, cache, attention)
+        for i, block in enumerate(self.blocks):
+            if rows is not None and i == len(self.blocks) - 1:
+                x = block(x, keep_for_rows(keep, square_causal, rows, T, S), False, rope, cache, attention, rows)
+            else:
+                x = block(x, keep, square_causal, rope, cache, attention)
+        if rows is not None and len(self.blocks) == 0:
+            x = take_rows(x, rows)
         if cache is not None:
             cache.advance(T)
         if self.final_norm is not None:
@@ -216,12 +247,24 @@ class PreTrained(nn.Module):
         return self.config.flops_per_token(seq_len)
 
 
+def selected_positions(selected: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, T) bool -> rows (B, M): each row's selected positions in increasing order, then
+    other positions as filler up to M = the most any row has; real (B, M): which entries
+    are selected. h[real] of the (B, M) rows is then h_full[selected], in the same order."""
+    counts = selected.sum(dim=1)                                                  # (B,)
+    M = int(counts.max()) if selected.numel() else 0
+    rows = selected.to(torch.uint8).argsort(dim=1, descending=True, stable=True)[:, :M]
+    real = torch.arange(M, device=selected.device) < counts[:, None]
+    return rows, real
+
+
 class MaskedLM(PreTrained):
     """BERT's masked-LM: predict the original token at masked positions.
 
     head(h) = LayerNorm(act(h W + b)) Eᵀ + b_out, with E the token-embedding matrix (tied).
     Given labels, only the masked rows (labels != -100, ~15%) go through the head: the
-    (d × V) decoder is the most expensive matmul, so this saves ~85% of it.
+    (d × V) decoder is the most expensive matmul, so this saves ~85% of it. For the same
+    reason the last block computes only those rows (Transformer.forward `rows`).
     """
 
     def __init__(self, config: ModelConfig):
@@ -243,11 +286,13 @@ class MaskedLM(PreTrained):
         """labels (B, T): original ids at masked positions, -100 elsewhere. With labels,
         logits are (N_masked, V) in row-major order of the masked positions; without,
         (B, T, V)."""
-        h = self.transformer(input_ids, attention_mask, token_type_ids, attention=attention)
         if labels is None:
-            return ModelOutput(self.head(h))
+            return ModelOutput(self.head(self.transformer(input_ids, attention_mask, token_type_ids,
+                                                          attention=attention)))
         masked = labels != IGNORE_INDEX                                  # (B, T)
-        logits = self.head(h[masked])                                    # (N_masked, V)
+        rows, real = selected_positions(masked)                          # (B, M) each
+        h = self.transformer(input_ids, attention_mask, token_type_ids, attention=attention, rows=rows)
+        logits = self.head(h[real])                                      # (N_masked, V)
         return ModelOutput(logits, cross_entropy(logits, labels[masked]))
 
 
@@ -273,18 +318,27 @@ class CausalLM(PreTrained):
         return ModelOutput(logits, None if labels is None else cross_entropy(logits, labels))
 
 
+def pooled_position(input_ids: Tensor, attention_mask: Tensor | None, how: str) -> Tensor:
+    """(B,) the position each row of input_ids (B, T) is pooled from: 0 for "cls", the
+    last real token for "last" (right or left padding: the highest index whose mask is 1)."""
+    B, T = input_ids.shape[:2]
+    if how == "cls" or attention_mask is None:
+        return torch.full((B,), 0 if how == "cls" else T - 1, dtype=torch.long, device=input_ids.device)
+    positions = torch.arange(T, device=input_ids.device)
+    return (positions * attention_mask).argmax(dim=1)
+
+
 def pool(h: Tensor, attention_mask: Tensor | None, how: str) -> Tensor:
     """(B, T, d) -> (B, d): the [CLS] (first) token, the mean over real tokens, or the
     last real token (works for right and left padding: the highest index whose mask is 1)."""
     if how == "cls":
         return h[:, 0]
-    if attention_mask is None:
-        attention_mask = torch.ones(h.shape[:2], dtype=torch.long, device=h.device)
-    mask = attention_mask.to(h.dtype)[..., None]                            # (B, T, 1)
     if how == "mean":
+        if attention_mask is None:
+            return h.mean(1)
+        mask = attention_mask.to(h.dtype)[..., None]                        # (B, T, 1)
         return (h * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-    positions = torch.arange(h.size(1), device=h.device)
-    last = (positions * attention_mask).argmax(dim=1)                       # (B,)
+    last = pooled_position(h, attention_mask, how)                          # (B,)
     return h[torch.arange(h.size(0), device=h.device), last]
 
 
@@ -294,7 +348,7 @@ class SequenceClassifier(PreTrained):
     def __init__(self, config: ModelConfig):
         super().__init__(config)
         self.pooler = nn.Linear(config.d_model, config.d_model) if config.pooler else None
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self.classifier = nn.Linear(config.d_model, config.num_labels, bias=config.classifier_bias)
         self.init_weights()
 
@@ -302,8 +356,14 @@ class SequenceClassifier(PreTrained):
                 token_type_ids: Tensor | None = None, labels: Tensor | None = None,
                 attention: str | None = None, class_weights: Tensor | None = None) -> ModelOutput:
         """labels (B,) class indices. logits (B, num_labels)."""
-        h = self.transformer(input_ids, attention_mask, token_type_ids, attention=attention)
-        pooled = pool(h, attention_mask, self.config.pooling)                 # (B, d)
+        how = self.config.pooling
+        if how == "mean":
+            h = self.transformer(input_ids, attention_mask, token_type_ids, attention=attention)
+            pooled = pool(h, attention_mask, how)                              # (B, d)
+        else:  # one position per row is read: the last block computes only that one
+            rows = pooled_position(input_ids, attention_mask, how)[:, None]    # (B, 1)
+            pooled = self.transformer(input_ids, attention_mask, token_type_ids, attention=attention,
+                                      rows=rows)[:, 0]                        # (B, d)
         if self.pooler is not None:
             pooled = torch.tanh(self.pooler(pooled))
         logits = self.classifier(self.dropout(pooled))

@@ -25,7 +25,7 @@ from minilm.config import ModelConfig, preset
 from minilm.errors import MinilmError
 from minilm.model import CausalLM, MaskedLM, PreTrained
 from minilm.objectives import bits_per_char, mask_tokens
-from minilm.training import LoopConfig, Trainer, dtype_name, resolve_device, resolve_dtype
+from minilm.training import LoopConfig, Trainer, dtype_name, setup_device
 from tokenizer import Tokenizer
 
 DEFAULT_PRESET = {"clm": "gpt-mini", "mlm": "bert-mini"}
@@ -216,9 +216,7 @@ def run(cfg: PretrainConfig) -> dict:
         raise MinilmError(f"--objective {cfg.objective!r}: choose clm or mlm")
     out = Path(cfg.out)
     prepare_run_dir(out, cfg.resume)
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(device, cfg.dtype)
-    say(f"device: {device}, precision: {dtype_name(dtype)} autocast, threads: {torch.get_num_threads()}")
+    device, dtype = setup_device(cfg.device, cfg.dtype)
     wall0 = time.perf_counter()
 
     sources = data.resolve_sources(cfg.data or None, cfg.cache_dir, text_field=cfg.text_field)

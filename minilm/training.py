@@ -91,6 +91,45 @@ def dtype_name(dtype: torch.dtype) -> str:
     return next(k for k, v in DTYPES.items() if v == dtype)
 
 
+def tune_cpu_allocator() -> bool:
+    """Keep freed memory inside the process (glibc only); True if it was applied.
+
+    By default glibc serves every allocation above a threshold (128 KiB, adapting up to
+    32 MiB) with its own mmap and hands it back to the OS on free, and trims the heap's
+    free top too. A training step allocates and frees the same activations and logits
+    every step, so each step page-faults them in again and the kernel zeroes every page:
+    on a small CPU machine that is a large share of the step. Raising both thresholds
+    (the same as GLIBC_TUNABLES=glibc.malloc.mmap_threshold=…:glibc.malloc.trim_threshold=…)
+    lets the next step reuse the memory. The price: the process keeps its peak memory
+    instead of shrinking between steps. Call it once at start-up, before large allocations.
+    """
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3          # from glibc's malloc.h
+    ok = libc.mallopt(m_mmap_threshold, 1 << 30)         # only blocks of >= 1 GiB get their own mmap
+    ok &= libc.mallopt(m_trim_threshold, (1 << 31) - 1)  # never trim a free heap top below 2 GiB
+    return bool(ok)
+
+
+def setup_device(device_name: str = "auto", dtype_name_: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """The one place a run decides where and in what precision it computes; prints it.
+    On CPU it also keeps freed memory in the process (tune_cpu_allocator)."""
+    device = resolve_device(device_name)
+    dtype = resolve_dtype(device, dtype_name_)
+    tuned = device.type == "cpu" and tune_cpu_allocator()
+    print(f"device: {device}, precision: {dtype_name(dtype)} autocast, threads: {torch.get_num_threads()}"
+          + (", allocator keeps freed memory" if tuned else ""), flush=True)
+    return device, dtype
+
+
 # --------------------------------------------------------------------------------------
 # optimizer and schedule
 # --------------------------------------------------------------------------------------

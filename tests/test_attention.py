@@ -124,3 +124,16 @@ def test_kv_cache_matches_full_forward(path):
         pieces.append(model(ids[:, t:t + 1], cache=cache, attention=path).logits)
     assert cache.length == 10
     assert (torch.cat(pieces, dim=1) - full).abs().max() <= TOL
+
+
+def test_training_dropout_on_cpu_runs_the_manual_program():
+    """PyTorch has no fused CPU kernel with attention dropout; sdpa_attention then runs the
+    manual program, so with the same random state both paths drop the same weights."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 9, 8, generator=gen) for _ in range(3))
+    outs = []
+    for fn in (manual_attention, sdpa_attention):
+        torch.manual_seed(1)
+        outs.append(fn(q, k, v, None, is_causal=True, dropout_p=0.3))
+    assert torch.equal(outs[0], outs[1])
+    assert not torch.equal(outs[0], manual_attention(q, k, v, None, is_causal=True))

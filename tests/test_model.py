@@ -159,3 +159,80 @@ def test_bf16_autocast_forward_backward():
         out = model(ids, labels=ids)
     out.loss.backward()
     assert torch.isfinite(out.loss) and out.loss.dtype == torch.float32
+
+
+# ---- computing only the rows a head reads, and dropout -----------------------------------
+def padded_batch(gen: torch.Generator):
+    ids = torch.randint(5, 61, (4, 12), generator=gen)
+    mask = torch.ones(4, 12, dtype=torch.long)
+    mask[1, 7:] = 0
+    mask[2, 2:] = 0
+    mask[3] = 0                                                  # a fully padded row
+    return ids, mask
+
+
+@pytest.mark.parametrize("name", ["bert-tiny", "gpt-mini", "llama-tiny"])
+@pytest.mark.parametrize("path", ["sdpa", "manual"])
+def test_mlm_last_layer_on_masked_rows_only_changes_nothing(name, path):
+    """MaskedLM with labels runs its last block on the masked rows only: the logits, the loss
+    and every gradient equal those of the full computation."""
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = MaskedLM(tiny(name))
+    ids, mask = padded_batch(gen)
+    labels = torch.full_like(ids, -100)
+    chosen = (torch.rand(ids.shape, generator=gen) < 0.3) & (mask == 1)
+    chosen[2, 0] = True
+    labels[chosen] = ids[chosen]
+
+    out = model(ids, mask, labels=labels, attention=path)
+    out.loss.backward()
+    pruned = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    full = model.head(model.transformer(ids, mask, attention=path)[chosen])
+    loss = F.cross_entropy(full, labels[chosen])
+    loss.backward()
+    assert out.logits.shape == full.shape
+    assert (out.logits - full).abs().max() <= 1e-5 and (out.loss - loss).abs() <= 1e-6
+    for n, p in model.named_parameters():
+        assert (pruned[n] - p.grad).abs().max() <= 1e-5, n
+
+
+@pytest.mark.parametrize("name", ["bert-tiny", "gpt-mini", "llama-tiny"])
+@pytest.mark.parametrize("pooling", ["cls", "mean", "last"])
+def test_classifier_last_layer_on_pooled_row_only_changes_nothing(name, pooling):
+    gen = torch.Generator().manual_seed(1)
+    torch.manual_seed(1)
+    model = SequenceClassifier(tiny(name, pooling=pooling, pooler=name == "bert-tiny")).eval()
+    ids, mask = padded_batch(gen)
+    for attention_mask in (mask, None):
+        pooled = pool(model.transformer(ids, attention_mask), attention_mask, pooling)
+        if model.pooler is not None:
+            pooled = torch.tanh(model.pooler(pooled))
+        expected = model.classifier(pooled)
+        assert (model(ids, attention_mask).logits - expected).abs().max() <= 1e-5
+
+
+def test_transformer_rows_returns_those_positions():
+    model = CausalLM(tiny("gpt-mini")).eval()
+    ids = torch.randint(0, 61, (2, 10))
+    rows = torch.tensor([[9, 0, 4], [3, 3, 7]])
+    full = model.transformer(ids)
+    picked = model.transformer(ids, rows=rows)
+    assert picked.shape == (2, 3, 32)
+    assert (picked - torch.stack([full[0, rows[0]], full[1, rows[1]]])).abs().max() <= 1e-5
+
+
+def test_dropout_keeps_1_minus_p_scaled_and_gradients_follow():
+    from minilm.attention import dropout
+    torch.manual_seed(0)
+    x = torch.ones(400, 500, requires_grad=True)
+    y = dropout(x, 0.1)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.005
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.9))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())                       # d(x·s)/dx = s
+    assert dropout(x, 0.1, training=False) is x and dropout(x, 0.0) is x
+    assert torch.equal(dropout(x, 1.0), torch.zeros_like(x))
+    assert dropout(x.detach().bfloat16(), 0.5).dtype == torch.bfloat16

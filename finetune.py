@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from minilm.cli import HelpFormatter, main_guard
+from minilm.cli import HelpFormatter, add_machine_flags, main_guard
 from minilm.config import PRESETS
 from minilm.errors import MinilmError
 from minilm.finetune import DEFAULT_LR, FINETUNE_LOOP, METRICS, FinetuneConfig, export, load_run, predict, run
@@ -88,11 +88,7 @@ def parse_args(argv: list[str] | None) -> FinetuneConfig:
                    "or be empty")
     a.add_argument("--log-every", type=int, default=10)
     a.add_argument("--eval-batch-size", type=int, default=128)
-    a.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
-    a.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    a.add_argument("--compile", action="store_true", help="torch.compile the model")
-    a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    add_machine_flags(a)
     args = p.parse_args(argv)
 
     loop = dict(lr=args.lr, warmup_steps=args.warmup_steps, schedule=args.schedule, min_lr_ratio=args.min_lr_ratio,

@@ -16,7 +16,7 @@ import argparse
 import sys
 import time
 
-from minilm.cli import HelpFormatter, main_guard
+from minilm.cli import HelpFormatter, add_machine_flags, main_guard
 from minilm.config import PRESETS
 from minilm.pretrain import PretrainConfig, run
 from minilm.training import LoopConfig
@@ -66,11 +66,7 @@ def parse_args(argv: list[str] | None) -> PretrainConfig:
     a.add_argument("--eval-tokens", type=int, default=65536, help="tokens scored by periodic validations")
     a.add_argument("--log-every", type=int, default=10)
     a.add_argument("--save-every", type=int, default=500, help="steps between resume states")
-    a.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
-    a.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    a.add_argument("--compile", action="store_true", help="torch.compile the model")
-    a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    add_machine_flags(a)
     args = p.parse_args(argv)
 
     if args.resume and not args.out:

@@ -23,3 +23,13 @@ def main_guard(main: Callable[[], int]) -> int:
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help with every default shown, and the description (usage examples) kept as written."""
+
+
+def add_machine_flags(group: argparse._ArgumentGroup) -> None:
+    """The flags every training CLI shares: where and how it computes."""
+    group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    group.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                       help="autocast precision; auto: bf16 where the hardware has it, fp16 on older GPUs, else fp32")
+    group.add_argument("--compile", action="store_true", help="torch.compile the model")
+    group.add_argument("--seed", type=int, default=0, help="weights init, data order, masking")
+    group.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")

@@ -318,7 +318,7 @@ class Trainer:
     def fit(self) -> dict:
         """Train until the budget is spent; returns the final metrics."""
         loop = self.loop
-        bar = tqdm(total=100, initial=round(100 * self.progress(), 1), disable=not loop.progress,
+        bar = tqdm(total=100, initial=round(100 * self.progress(), 1), disable=not loop.progress, mininterval=1.0,
                    bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}<{remaining}{postfix}]", dynamic_ncols=True)
         window_loss, window_tokens, window_time = 0.0, 0, 0.0
         stop_reason = "budget"

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from minilm.cli import HelpFormatter, add_machine_flags, main_guard
+from minilm.cli import HelpFormatter, add_machine_flags, add_shape_flags, main_guard
 from minilm.config import PRESETS
 from minilm.errors import MinilmError
 from minilm.finetune import DEFAULT_LR, FINETUNE_LOOP, METRICS, FinetuneConfig, export, load_run, predict, run
@@ -37,14 +37,17 @@ def parse_args(argv: list[str] | None) -> FinetuneConfig:
     a.add_argument("--init-weights", choices=["final", "best"], default="final",
                    help="RUN_DIR inits: model.safetensors (final) or best.safetensors")
     a.add_argument("--preset", choices=sorted(PRESETS), default="bert-mini", help="scratch: the architecture")
-    for name in ("d-model", "n-layers", "n-heads", "d-ff"):
-        a.add_argument(f"--{name}", type=int, default=None, help="scratch: override the preset")
+    add_shape_flags(a, "scratch: override the preset")
+    a.add_argument("--like", default=None, metavar="RUN_DIR", help="scratch: the architecture and tokenizer of "
+                   "this run directory, with random weights (the no-pretraining baseline of a pretrained run)")
     a.add_argument("--tokenizer", default=None, help="scratch: a saved tokenizer directory instead of training one")
     a.add_argument("--vocab-size", type=int, default=4096, help="scratch: vocabulary of the trained tokenizer")
     a.add_argument("--tokenizer-type", choices=["bpe", "unigram"], default="bpe")
     a.add_argument("--pooling", choices=["cls", "mean", "last"], default=None,
                    help="sentence vector for the head (default: the model's own, cls for BERT, last for GPT)")
     a.add_argument("--dropout", type=float, default=0.1, help="dropout in body and head while finetuning")
+    a.add_argument("--freeze-embeddings", action="store_true", help="keep the token (and position) embeddings "
+                   "as pretrained: helps with few labels")
     a.add_argument("--freeze-encoder", action="store_true", help="train only the head (pooler + classifier)")
     a = p.add_argument_group("data")
     a.add_argument("--data", default=None, help="training file (.csv, .tsv, .jsonl); none: the embedded tweets "
@@ -101,9 +104,11 @@ def parse_args(argv: list[str] | None) -> FinetuneConfig:
         init_weights=args.init_weights, data=args.data, val=args.val, val_fraction=args.val_fraction,
         text_col=args.text_col, pair_col=args.text_pair_col, label_col=args.label_col, header=args.header,
         encoding=args.encoding, max_length=args.max_length, preset=args.preset, d_model=args.d_model,
-        n_layers=args.n_layers, n_heads=args.n_heads, d_ff=args.d_ff, tokenizer=args.tokenizer,
+        n_layers=args.n_layers, n_heads=args.n_heads, d_ff=args.d_ff, norm_position=args.norm_position,
+        like=args.like, tokenizer=args.tokenizer,
         vocab_size=args.vocab_size, tokenizer_type=args.tokenizer_type, pooling=args.pooling,
-        dropout=args.dropout, freeze_encoder=args.freeze_encoder, class_weights=args.class_weights,
+        dropout=args.dropout, freeze_encoder=args.freeze_encoder,
+        freeze_embeddings=args.freeze_embeddings, class_weights=args.class_weights,
         metric=args.metric, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
         epochs=args.epochs, device=args.device, dtype=args.dtype, seed=args.seed, loop=loop)
 

@@ -16,7 +16,7 @@ import argparse
 import sys
 import time
 
-from minilm.cli import HelpFormatter, add_machine_flags, main_guard
+from minilm.cli import HelpFormatter, add_machine_flags, add_shape_flags, main_guard
 from minilm.config import PRESETS
 from minilm.pretrain import PretrainConfig, run
 from minilm.training import LoopConfig
@@ -39,8 +39,7 @@ def parse_args(argv: list[str] | None) -> PretrainConfig:
     a = p.add_argument_group("model")
     a.add_argument("--objective", choices=["clm", "mlm"], default="clm", help="causal LM (GPT) or masked LM (BERT)")
     a.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: gpt-mini for clm, bert-mini for mlm")
-    for name in ("d-model", "n-layers", "n-heads", "d-ff"):
-        a.add_argument(f"--{name}", type=int, default=None, help="override the preset")
+    add_shape_flags(a, "override the preset")
     a.add_argument("--seq-len", type=int, default=128, help="context length in tokens")
     a.add_argument("--dropout", type=float, default=0.0)
     a.add_argument("--attention", choices=["sdpa", "manual"], default="sdpa")
@@ -81,7 +80,8 @@ def parse_args(argv: list[str] | None) -> PretrainConfig:
     out = args.out or f"runs/{args.objective}-{time.strftime('%Y%m%d-%H%M%S')}"
     return PretrainConfig(
         out=out, data=args.data, objective=args.objective, preset=args.preset, d_model=args.d_model,
-        n_layers=args.n_layers, n_heads=args.n_heads, d_ff=args.d_ff, dropout=args.dropout,
+        n_layers=args.n_layers, n_heads=args.n_heads, d_ff=args.d_ff, norm_position=args.norm_position,
+        dropout=args.dropout,
         attention=args.attention, seq_len=args.seq_len, batch_size=args.batch_size, vocab_size=args.vocab_size,
         tokenizer_type=args.tokenizer_type, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
         split=args.split, text_field=args.text_field, mask_prob=args.mask_prob, eval_tokens=args.eval_tokens,

@@ -29,6 +29,7 @@ import importlib.metadata
 import json
 import random
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -59,6 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "[%(default)s]")
     p.add_argument("--finetune-epochs", type=float, default=3, help="epochs on all training rows [%(default)s]")
     p.add_argument("--few-epochs", type=float, default=10, help="epochs on the few-label file [%(default)s]")
+    p.add_argument("--few-seeds", type=int, default=3, help="finetuning runs (seeds) per model on the few-label "
+                   "file; the table gives their mean and spread [%(default)s]")
     p.add_argument("--patience", type=int, default=3, help="finetune early stopping, in evaluations [%(default)s]")
     p.add_argument("--preset", default="bert-mini", help="architecture of the pretrained and scratch models "
                    "[%(default)s]")
@@ -66,6 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=128, help="pretraining context [%(default)s]")
     p.add_argument("--pretrain-args", default="", help="extra train.py flags, e.g. \"--lr 1e-3 --batch-size 64\"")
     p.add_argument("--finetune-args", default="", help="extra finetune.py flags for every finetune")
+    p.add_argument("--minilm-finetune-args", default="--pooling mean --lr 5e-4",
+                   help="extra finetune.py flags for the pretrained and scratch models (not the HF one): an "
+                        "MLM-trained encoder has no trained [CLS] vector, so pool the mean [%(default)s]")
     p.add_argument("--stages", default="split,tfidf,pretrain,finetune,hf",
                    help="comma-separated subset of the stages to run [%(default)s]")
     p.add_argument("--seed", type=int, default=0)
@@ -217,29 +223,33 @@ def main(argv: list[str] | None = None) -> int:
         results["pretrain"] = reuse_or_run("pretrain", pre_dir, cmd, logs, times)
         save()
 
-    def finetune(name: str, init: str, train_set: str, extra: list[str]) -> None:
+    def finetune(kind: str, init: str, train_set: str, extra: list[str]) -> None:
+        """One run on all rows; --few-seeds runs (seeds seed, seed+1, ...) on the few-label file,
+        whose 500-sentence validation score moves by a few points from seed to seed."""
         epochs = args.finetune_epochs if train_set == "all" else args.few_epochs
         budget = ["--max-steps", "3" if init.startswith("hf:") else "10"] if smoke else \
             ["--epochs", str(epochs), "--time-budget", str(args.finetune_budget), "--patience", str(args.patience)]
-        cmd = [sys.executable, "finetune.py", "--init", init, "--data", str(train_sets[train_set]),
-               "--val", str(val_tsv), "--out", str(out / name), "--no-progress", "--seed", str(args.seed),
-               *budget, *extra, *shlex.split(args.finetune_args)]
-        results[name] = {**reuse_or_run(name, out / name, cmd, logs, times), "train_set": train_set}
-        save()
+        seeds = [args.seed] if train_set == "all" else [args.seed + i for i in range(args.few_seeds)]
+        for seed in seeds:
+            name = f"{kind}-{train_set}" + (f"-seed{seed}" if train_set == "few" else "")
+            cmd = [sys.executable, "finetune.py", "--init", init, "--data", str(train_sets[train_set]),
+                   "--val", str(val_tsv), "--out", str(out / name), "--no-progress", "--seed", str(seed),
+                   *budget, *extra, *shlex.split(args.finetune_args)]
+            results[name] = {**reuse_or_run(name, out / name, cmd, logs, times), "train_set": train_set,
+                             "kind": kind, "seed": seed}
+            save()
 
     if "finetune" in stages:
         architecture = json.loads((pre_dir / "config.json").read_text())
-        shape = ["--preset", "bert-tiny" if smoke else args.preset, "--d-model", str(architecture["d_model"]),
-                 "--n-layers", str(architecture["n_layers"]), "--n-heads", str(architecture["n_heads"]),
-                 "--d-ff", str(architecture["d_ff"]), "--tokenizer", str(pre_dir / "tokenizer"),
-                 "--max-length", str(min(128, architecture["max_seq_len"]))]
+        shape = ["--like", str(pre_dir), "--max-length", str(min(128, architecture["max_seq_len"]))]
+        ours = shlex.split(args.minilm_finetune_args)
         for train_set in ("all", "few"):
-            finetune(f"pretrained-{train_set}", str(pre_dir), train_set, [])
-            finetune(f"scratch-{train_set}", "scratch", train_set, shape)
+            finetune("pretrained", str(pre_dir), train_set, ours)
+            finetune("scratch", "scratch", train_set, shape + ours)
     hf_dir = locate_hf_model(args.hf_dir) if "hf" in stages else None
     if hf_dir is not None:
         for train_set in ("all", "few"):
-            finetune(f"hf-{train_set}", f"hf:{hf_dir}", train_set, [])
+            finetune("hf", f"hf:{hf_dir}", train_set, [])
 
     table = markdown_table(results, rows, args)
     (out / "results.md").write_text(table + "\n")
@@ -267,13 +277,23 @@ def markdown_table(results: dict, rows: dict, args: argparse.Namespace) -> str:
              "scratch": "random (same architecture and tokenizer)", "hf": "all-MiniLM-L6-v2 (Hugging Face)"}
     for kind in ("pretrained", "scratch", "hf"):
         for train_set in ("all", "few"):
-            r = results.get(f"{kind}-{train_set}")
-            if not r:
+            runs = [(name, r) for name, r in results.items()
+                    if isinstance(r, dict) and r.get("kind") == kind and r.get("train_set") == train_set]
+            if not runs:
                 continue
             model = "all-MiniLM-L6-v2" if kind == "hf" else (args.preset if not args.smoke else "bert-tiny")
-            lines.append(f"| {model} | {names[kind]} | {rows[train_set]:,} | {r['val_accuracy']:.1%} | "
-                         f"{r['val_macro_f1']:.3f} | {r['steps']} ({r['epochs']:g}) | "
-                         f"{minutes(times.get(f'{kind}-{train_set}'))} |")
+            acc, f1 = (statistics.fmean(r[key] for _, r in runs) for key in ("val_accuracy", "val_macro_f1"))
+            if len(runs) > 1:          # mean ± sample standard deviation (each run)
+                spread = statistics.stdev(r["val_accuracy"] for _, r in runs)
+                each = ", ".join(f"{r['val_accuracy']:.1%}" for _, r in runs)
+                accuracy = f"{acc:.1%} ± {spread:.1%} ({len(runs)} seeds: {each})"
+            else:
+                accuracy = f"{acc:.1%}"
+            steps = "; ".join(f"{r['steps']} ({r['epochs']:g})" for _, r in runs)
+            seconds = [times[name] for name, _ in runs if name in times]
+            wall = minutes(statistics.fmean(seconds)) + (" each" if len(seconds) > 1 else "") if seconds else "-"
+            lines.append(f"| {model} | {names[kind]} | {rows[train_set]:,} | {accuracy} | {f1:.3f} | {steps} "
+                         f"| {wall} |")
     return "\n".join(lines)
 
 

@@ -117,7 +117,8 @@ def manual_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None = None
     scores = (q / math.sqrt(q.size(-1))) @ k.transpose(-2, -1)           # (B, nh, T, S)
     if keep is not None:
         hidden = ~keep
-        scores = scores.masked_fill(hidden, torch.finfo(scores.dtype).min)
+        # in place: the matmul's backward needs q and k, not its output, so no copy is needed
+        scores = scores.masked_fill_(hidden, torch.finfo(scores.dtype).min)
     probs = scores.softmax(dim=-1)                                       # rows sum to 1
     # A row with no visible key: all weights 0 (else uniform garbage). A causal row always
     # sees its own key, and then its hidden weights are already exactly 0 (exp underflows).

@@ -65,17 +65,24 @@ def save_model_dir(model: PreTrained, directory: Path, weights_name: str = "mode
     save_weights(model, directory / weights_name)
 
 
+def load_model_config(directory: str | Path) -> tuple[ModelConfig, str]:
+    """A run directory's architecture and the head it was saved with (config.json)."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise MinilmError(f"{path} not found: is {directory} a minilm run directory (made by train.py/finetune.py)?")
+    fields = json.loads(path.read_text())
+    head = fields.pop("head", "clm")
+    return ModelConfig.from_dict(fields), head
+
+
 def load_model_dir(directory: str | Path, weights_name: str = "model.safetensors",
                    head: str | None = None) -> PreTrained:
     """Rebuild a model from a run directory (config.json + safetensors weights)."""
-    directory = Path(directory)
-    config_path, weights = directory / "config.json", directory / weights_name
-    for path in (config_path, weights):
-        if not path.is_file():
-            raise MinilmError(f"{path} not found: is {directory} a minilm run directory (made by train.py/finetune.py)?")
-    fields = json.loads(config_path.read_text())
-    saved_head = fields.pop("head", "clm")
-    model = HEADS[head or saved_head](ModelConfig.from_dict(fields))
+    config, saved_head = load_model_config(directory)
+    weights = Path(directory) / weights_name
+    if not weights.is_file():
+        raise MinilmError(f"{weights} not found: is {directory} a minilm run directory (made by train.py/finetune.py)?")
+    model = HEADS[head or saved_head](config)
     load_weights(model, weights)
     return model
 

@@ -25,6 +25,15 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """--help with every default shown, and the description (usage examples) kept as written."""
 
 
+def add_shape_flags(group: argparse._ArgumentGroup, note: str) -> None:
+    """--d-model, --n-layers, --n-heads, --d-ff, --norm-position: the preset's shape, changed."""
+    for name in ("d-model", "n-layers", "n-heads", "d-ff"):
+        group.add_argument(f"--{name}", type=int, default=None, help=note)
+    group.add_argument("--norm-position", choices=["pre", "post"], default=None,
+                       help=f"{note}: normalise each sublayer's input (pre-LN: GPT-2, Llama; trains stably at "
+                            "high learning rates) or the residual sum (post-LN: BERT)")
+
+
 def add_machine_flags(group: argparse._ArgumentGroup) -> None:
     """The flags every training CLI shares: where and how it computes."""
     group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")

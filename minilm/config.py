@@ -154,6 +154,15 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+# The fields a command line may change over a preset (train.py and finetune.py --init scratch).
+SHAPE_FIELDS = ("d_model", "n_layers", "n_heads", "d_ff", "norm_position")
+
+
+def shape_overrides(settings: object) -> dict:
+    """The SHAPE_FIELDS that `settings` (a CLI's config dataclass) sets, i.e. that are not None."""
+    return {name: getattr(settings, name) for name in SHAPE_FIELDS if getattr(settings, name, None) is not None}
+
+
 def preset(name: str, **overrides) -> ModelConfig:
     """A named architecture, optionally with fields changed: preset("gpt-mini", vocab_size=4096)."""
     if name not in PRESETS:

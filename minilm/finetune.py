@@ -36,12 +36,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from minilm.checkpoint import load_model_dir, load_weights, new_run_dir, save_model_dir, write_json
+from minilm.checkpoint import load_model_config, load_model_dir, load_weights, new_run_dir, save_model_dir, write_json
 from minilm.classify_data import (DEFAULT_DATASET, EncodedTexts, HFTextEncoder, LabelledData, LabelSet,
                                   LengthBucketBatches, MinilmTextEncoder, TextEncoder, balanced_class_weights,
                                   eval_batches, load_text_encoder, pad_batch, read_default_dataset,
                                   read_labelled, split_validation)
-from minilm.config import ModelConfig, preset
+from minilm.config import ModelConfig, preset, shape_overrides
 from minilm.errors import MinilmError
 from minilm.model import PreTrained, SequenceClassifier
 from minilm.pretrain import plot_curves, say
@@ -86,6 +86,8 @@ class FinetuneConfig:
     n_layers: int | None = None
     n_heads: int | None = None
     d_ff: int | None = None
+    norm_position: str | None = None
+    like: str | None = None               # a run directory whose architecture and tokenizer to copy
     tokenizer: str | None = None
     vocab_size: int = 4096
     tokenizer_type: str = "bpe"
@@ -93,6 +95,7 @@ class FinetuneConfig:
     pooling: str | None = None            # None -> the model's own (cls for BERT, last for GPT)
     dropout: float | None = 0.1
     freeze_encoder: bool = False
+    freeze_embeddings: bool = False
     class_weights: str = "none"           # none | auto (inverse frequency)
     metric: str = "accuracy"              # accuracy | macro_f1: picks best.safetensors
     batch_size: int = 32
@@ -211,8 +214,9 @@ def scratch_encoder(cfg: FinetuneConfig, train: LabelledData) -> TextEncoder:
     training texts (and pairs)."""
     from tokenizer import Tokenizer
 
-    if cfg.tokenizer:
-        return load_text_encoder(cfg.tokenizer)
+    source = cfg.tokenizer or (Path(cfg.like) / "tokenizer" if cfg.like else None)
+    if source:
+        return load_text_encoder(source)
     t0 = time.perf_counter()
     try:
         tok = Tokenizer.train(train.texts + (train.pairs or []), vocab_size=cfg.vocab_size,
@@ -257,12 +261,11 @@ def build_model(cfg: FinetuneConfig, n_labels: int, train: LabelledData) -> tupl
     try:
         if cfg.init == "scratch":
             encoder = scratch_encoder(cfg, train)
-            overrides = {k: v for k, v in (("d_model", cfg.d_model), ("n_layers", cfg.n_layers),
-                                           ("n_heads", cfg.n_heads), ("d_ff", cfg.d_ff)) if v is not None}
-            config = preset(cfg.preset, vocab_size=len(encoder), pad_token_id=encoder.pad_id,
-                            max_seq_len=cfg.max_length or 128, **overrides, **changes)
+            base = load_model_config(cfg.like)[0] if cfg.like else preset(cfg.preset, max_seq_len=cfg.max_length or 128)
+            config = base.replace(vocab_size=len(encoder), pad_token_id=encoder.pad_id, **shape_overrides(cfg),
+                                  **changes)
             torch.manual_seed(cfg.seed)
-            return SequenceClassifier(config), encoder, f"scratch ({cfg.preset}, random weights)"
+            return SequenceClassifier(config), encoder, f"scratch ({cfg.like or cfg.preset}, random weights)"
         source, encoder, note = load_body(cfg)
         config: ModelConfig = source.config.replace(**changes)
     except ValueError as err:          # ModelConfig's checks: a bad preset / override / pooling
@@ -368,6 +371,10 @@ def run(cfg: FinetuneConfig) -> dict:
         raise MinilmError(f"--max-length {max_length} exceeds the model's context of {model.config.max_seq_len} tokens")
     if cfg.freeze_encoder:
         freeze_encoder(model)
+    if cfg.freeze_embeddings:
+        # with few labels, the words seen in training would move and the unseen ones stay:
+        # frozen, an unseen word keeps its pretrained place beside the seen words it resembles
+        model.transformer.embeddings.requires_grad_(False)
     model.to(device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     c = model.config

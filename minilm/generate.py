@@ -279,7 +279,16 @@ def fill_mask(model: MaskedLM, tokenizer, text: str, top_k: int = 5) -> list[lis
         raise MinilmError(f"top_k={top_k}: ask for at least 1 candidate per [MASK]")
     device = model.decoder.weight.device
     batch = tokenizer(text, return_tensors="pt")
-    input_ids = batch["input_ids"].to(device)                            # (1, T)
+    # In training a [MASK] replaced one whole token, and a word's token carries its own
+    # leading space ("▁great"). So in "a [MASK] film" the space before [MASK] belongs to
+    # the hidden word: drop its piece, or the model would be asked what follows a lone space.
+    space = tokenizer.encode(" ")
+    ids = batch["input_ids"][0]
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    if len(space) == 1:
+        keep[:-1] = ~((ids[:-1] == space[0]) & (ids[1:] == tokenizer.mask_id))
+    input_ids = ids[keep][None].to(device)                               # (1, T)
+    token_type_ids = batch["token_type_ids"][0][keep][None].to(device)   # (1, T)
     is_mask = input_ids[0] == tokenizer.mask_id                          # (T,)
     if not bool(is_mask.any()):
         raise MinilmError(f"no [MASK] in {text!r}: write [MASK] where a token should be predicted, "
@@ -289,7 +298,7 @@ def fill_mask(model: MaskedLM, tokenizer, text: str, top_k: int = 5) -> list[lis
                           f"reads at most {model.config.max_seq_len}: shorten it")
 
     with evaluation_mode(model):
-        h = model.transformer(input_ids, token_type_ids=batch["token_type_ids"].to(device))  # (1, T, d)
+        h = model.transformer(input_ids, token_type_ids=token_type_ids)  # (1, T, d)
         logits = model.head(h[0, is_mask])                               # (n_masks, V): masks only
     probs = logits.float().softmax(dim=-1)
     top = probs.topk(min(top_k, probs.size(-1)), dim=-1)                 # sorted, largest first

@@ -25,12 +25,12 @@ from torch import Tensor, nn
 from minilm.attention import (ATTENTION, KVCache, SelfAttention, build_keep_mask, dropout, keep_for_rows,
                               rope_tables)
 from minilm.config import ModelConfig
-from minilm.objectives import IGNORE_INDEX  # label value that contributes no loss
+from minilm.objectives import IGNORE_INDEX, linear_cross_entropy  # IGNORE_INDEX: a label with no loss
 
 
 @dataclass
 class ModelOutput:
-    logits: Tensor                 # (B, T, V), (N_masked, V) or (B, num_labels)
+    logits: Tensor | None          # (B, T, V), (N_masked, V) or (B, num_labels); None: CausalLM with labels
     loss: Tensor | None = None     # mean cross-entropy in nats, when labels are given
 
 
@@ -278,7 +278,9 @@ class MaskedLM(PreTrained):
         self.init_weights()
 
     def head(self, h: Tensor) -> Tensor:
-        return self.decoder(self.norm(self.act(self.transform(h))))
+        # the norm gets float32, as inside the blocks (where the residual stream is float32):
+        # under bf16 autocast RMSNorm is not upcast for us and would leave its fused kernel
+        return self.decoder(self.norm(self.act(self.transform(h)).float()))
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 token_type_ids: Tensor | None = None, labels: Tensor | None = None,
@@ -309,13 +311,16 @@ class CausalLM(PreTrained):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 labels: Tensor | None = None, position_ids: Tensor | None = None,
                 cache: KVCache | None = None, attention: str | None = None) -> ModelOutput:
-        """labels (B, T) are the TARGETS, already aligned: labels[:, t] is the token that
-        should follow input_ids[:, :t+1] (objectives.shift_for_clm builds them), -100 to skip.
-        logits: (B, T, V)."""
+        """Without labels: logits (B, T, V). With labels (B, T), the TARGETS already aligned
+        (labels[:, t] is the token that should follow input_ids[:, :t+1], -100 to skip;
+        objectives.shift_for_clm builds them): the loss only, logits None. The loss is
+        computed a chunk of rows at a time (linear_cross_entropy), so the (B, T, V) logits,
+        a training step's largest tensor, never exist whole."""
         h = self.transformer(input_ids, attention_mask, position_ids=position_ids,
-                             cache=cache, attention=attention)
-        logits = self.lm_head(h)
-        return ModelOutput(logits, None if labels is None else cross_entropy(logits, labels))
+                             cache=cache, attention=attention)                    # (B, T, d)
+        if labels is None:
+            return ModelOutput(self.lm_head(h))
+        return ModelOutput(None, linear_cross_entropy(h, self.lm_head.weight, labels))
 
 
 def pooled_position(input_ids: Tensor, attention_mask: Tensor | None, how: str) -> Tensor:

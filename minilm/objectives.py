@@ -161,6 +161,67 @@ def summed_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor
     return total, count
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """mean −log softmax(h Wᵀ)[label], a few rows at a time, without keeping the logits.
+
+    A causal LM's head h (N, d) @ Wᵀ (d, V) makes N·V logits, the largest tensor of
+    a training step (2,048 tokens x a 50k vocabulary = 400 MB in float32), and plain
+    autograd keeps it, and its log-softmax, for the backward pass. Here the forward
+    pass walks over chunks of rows and finishes each chunk's gradient on the spot:
+
+        z = h_c Wᵀ                                   (c, V)  logits of the chunk
+        loss_c = Σ_rows (logsumexp(z) − z[label])    −log p(label)
+        ∂loss/∂z = softmax(z) − onehot(label)        (c, V), / number of targets
+        ∂loss/∂h_c = ∂z · W        ∂loss/∂W += ∂zᵀ · h_c
+
+    so only one chunk of logits exists at any time. backward() then just scales the
+    stored gradients by the incoming one. Rows labelled IGNORE_INDEX count for
+    nothing. Same result as F.cross_entropy(h @ W.T, labels), in the same matmuls.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                chunk_rows: int) -> torch.Tensor:
+        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        keep = labels != IGNORE_INDEX                                          # (N,)
+        count = keep.sum().clamp(min=1)
+        targets = labels.clamp(min=0)
+        total = h.new_zeros((), dtype=torch.float32)
+        grad_h = torch.zeros_like(h) if want_grad else None
+        grad_w = torch.zeros_like(weight) if want_grad else None
+        for start in range(0, h.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            logits = (h[rows] @ weight.t()).float()                            # (c, V)
+            picked = logits.gather(1, targets[rows, None]).squeeze(1)          # (c,) z[label]
+            # logsumexp(z) = max + log Σ exp(z − max), in place: the exps become the softmax
+            top = logits.amax(-1, keepdim=True)                                # (c, 1)
+            exps = logits.sub_(top).exp_()                                     # (c, V)
+            sums = exps.sum(-1)                                                # (c,)
+            lse = top.squeeze(1) + sums.log()                                  # (c,)
+            total += ((lse - picked) * keep[rows]).sum()
+            if want_grad:
+                grad_z = exps.div_(sums[:, None])                              # softmax(z)
+                grad_z[torch.arange(len(grad_z)), targets[rows]] -= 1.0
+                grad_z *= (keep[rows] / count)[:, None]
+                grad_z = grad_z.to(weight.dtype)      # float32 stays; bf16 weights get bf16 (autocast casts)
+                grad_h[rows] = grad_z @ weight
+                grad_w += grad_z.t() @ h[rows]
+        ctx.save_for_backward(grad_h, grad_w)
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_loss, grad_w * grad_loss, None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         chunk_rows: int = 512) -> torch.Tensor:
+    """F.cross_entropy(h @ weight.T, labels) for h (..., d), weight (V, d), labels (...),
+    computed chunk by chunk (LinearCrossEntropy): the (..., V) logits never exist whole."""
+    return LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight, labels.reshape(-1), chunk_rows)
+
+
 def bits_per_char(total_nats: float, n_chars: int) -> float:
     """Bits per character:  bpc = total_nats / n_chars / ln 2.
 

@@ -21,7 +21,7 @@ import torch
 
 from minilm import data
 from minilm.checkpoint import new_run_dir, save_model_dir, write_json
-from minilm.config import ModelConfig, preset
+from minilm.config import ModelConfig, preset, shape_overrides
 from minilm.errors import MinilmError
 from minilm.model import CausalLM, MaskedLM, PreTrained
 from minilm.objectives import bits_per_char, mask_tokens
@@ -43,6 +43,7 @@ class PretrainConfig:
     n_layers: int | None = None
     n_heads: int | None = None
     d_ff: int | None = None
+    norm_position: str | None = None
     dropout: float = 0.0
     attention: str = "sdpa"
     seq_len: int = 128
@@ -93,8 +94,7 @@ def build_tokenizer(cfg: PretrainConfig, sources: list[data.Source], run_dir: Pa
 
 def build_model(cfg: PretrainConfig, tok: Tokenizer) -> PreTrained:
     name = cfg.preset or DEFAULT_PRESET[cfg.objective]
-    overrides = {k: v for k, v in (("d_model", cfg.d_model), ("n_layers", cfg.n_layers),
-                                   ("n_heads", cfg.n_heads), ("d_ff", cfg.d_ff)) if v is not None}
+    overrides = shape_overrides(cfg)
     try:
         config = preset(name, vocab_size=len(tok), max_seq_len=cfg.seq_len, pad_token_id=tok.pad_id,
                         dropout=cfg.dropout, attn_dropout=cfg.dropout, attention=cfg.attention, **overrides)
@@ -225,7 +225,7 @@ def run(cfg: PretrainConfig) -> dict:
     cache = Path(cfg.cache_dir or data.default_cache_dir()) / "prepared"
     key = data.prepare_cache_key(sources, tok, val_fraction=cfg.val_fraction, split=cfg.split)
     prepared = data.prepare_tokens(sources, tok, cache / key[:16], val_fraction=cfg.val_fraction,
-                                   split=cfg.split, progress=True)
+                                   split=cfg.split, progress=cfg.loop.progress)
     say(f"tokens: {prepared.train.tokens:,} train / {prepared.val.tokens:,} val "
         f"({prepared.train.chars / max(prepared.train.tokens, 1):.2f} chars per token)"
         + (" [cached]" if prepared.reused else ""))

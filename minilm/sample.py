@@ -90,8 +90,9 @@ def sample_masked(model: MaskedLM, tokenizer: Tokenizer, args: argparse.Namespac
         for rank, (token, prob) in enumerate(candidates, start=1):
             print(f"  {rank:>4}  {token!r:<20} {prob:>11.4f}")
     filled = args.prompt
-    for candidates in per_mask:
-        filled = filled.replace("[MASK]", candidates[0][0], 1)
+    for candidates in per_mask:         # a candidate brings its own leading space (see fill_mask)
+        best = candidates[0][0]
+        filled = filled.replace(" [MASK]" if best.startswith(" ") else "[MASK]", best, 1)
     print(f"best: {filled}")
 
 

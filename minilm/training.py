@@ -206,6 +206,17 @@ class LoopConfig:
             raise MinilmError("--grad-accum must be >= 1")
 
 
+def format_metric(name: str, value: float) -> str:
+    """'loss 3.142', 'lr 3.00e-04', 'val_acc 91.2%': a metric as a log line shows it."""
+    if isinstance(value, int):
+        return f"{name} {value}"
+    if name == "lr":
+        return f"{name} {value:.2e}"
+    if name.endswith(("acc", "accuracy")):
+        return f"{name} {value:.1%}"
+    return f"{name} {value:.0f}" if name == "tok_per_s" else f"{name} {value:.4g}"
+
+
 class Trainer:
     """Runs `LoopConfig` on a model; owns the optimizer, scaler, metrics log and state files."""
 
@@ -313,6 +324,9 @@ class Trainer:
         self.history.append(row)
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
+        if not self.loop.progress:      # no bar to show it: one line per logged row (logs, CI, pipes)
+            print(" ".join(format_metric(k, v) for k, v in row.items() if k not in ("tokens", "train_seconds")),
+                  flush=True)
 
     # ---- the loop ---------------------------------------------------------------------------
     def fit(self) -> dict:

@@ -101,9 +101,9 @@ def test_model_paths_agree_with_gradients(name):
     grads = {}
     for path in ("manual", "sdpa"):
         model.zero_grad()
-        out = model(ids, mask, labels=labels, attention=path)
-        out.loss.backward()
-        grads[path] = (out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+        model(ids, mask, labels=labels, attention=path).loss.backward()
+        logits = model(ids, mask, attention=path).logits.detach()
+        grads[path] = (logits, {n: p.grad.clone() for n, p in model.named_parameters()})
     (logits_m, g_m), (logits_s, g_s) = grads["manual"], grads["sdpa"]
     assert torch.isfinite(logits_m).all()
     assert (logits_m - logits_s).abs().max() <= TOL

@@ -10,6 +10,7 @@ import torch
 
 import finetune
 import train
+from minilm.checkpoint import load_model_dir
 from minilm.classify_data import (EncodedTexts, LabelSet, LengthBucketBatches, balanced_class_weights,
                                   default_dataset_path, eval_batches, pad_batch, read_default_dataset,
                                   read_labelled, split_validation)
@@ -315,6 +316,37 @@ def test_finetune_from_a_train_run_then_export_to_transformers(task, pretrained_
         theirs = hf(**batch).logits
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
     assert torch.allclose(predict(run, ["a great film"]), ours[:1].softmax(-1), atol=1e-5)
+
+
+def test_scratch_like_a_run_copies_its_architecture_and_tokenizer(task, pretrained_run, tmp_path):
+    """The no-pretraining baseline: --init scratch --like RUN_DIR = RUN_DIR's model, random weights."""
+    train_csv, val_csv = task
+    out = tmp_path / "run"
+    assert finetune.main(["--init", "scratch", "--like", str(pretrained_run), "--data", str(train_csv),
+                          "--val", str(val_csv), "--out", str(out), "--max-steps", "2", *QUICK]) == 0
+    source, copy = (json.loads((d / "config.json").read_text()) for d in (pretrained_run, out))
+    head_fields = {"head", "num_labels", "dropout", "attn_dropout"}
+    assert {k: v for k, v in copy.items() if k not in head_fields} == \
+        {k: v for k, v in source.items() if k not in head_fields}
+    assert (out / "tokenizer/tokenizer.model").read_bytes() == (pretrained_run / "tokenizer/tokenizer.model").read_bytes()
+    weights = load_model_dir(out, "model.safetensors", head="classify").state_dict()
+    pretrained = load_model_dir(pretrained_run).state_dict()
+    name = "transformer.blocks.0.attn.qkv.weight"
+    assert name in weights and not torch.equal(weights[name], pretrained[name])
+
+
+def test_freeze_embeddings_keeps_them_as_pretrained(task, pretrained_run, tmp_path):
+    train_csv, val_csv = task
+    out = tmp_path / "run"
+    assert finetune.main(["--init", str(pretrained_run), "--data", str(train_csv), "--val", str(val_csv),
+                          "--out", str(out), "--max-steps", "3", "--freeze-embeddings", *QUICK]) == 0
+    tuned = load_model_dir(out, "model.safetensors", head="classify").state_dict()
+    pretrained = load_model_dir(pretrained_run).state_dict()
+    for name, value in tuned.items():
+        if name.startswith("transformer.embeddings."):
+            assert torch.equal(value, pretrained[name]), name
+    name = "transformer.blocks.0.attn.qkv.weight"
+    assert not torch.equal(tuned[name], pretrained[name])      # the rest of the body learns
 
 
 def test_finetune_from_a_hugging_face_directory(task, tmp_path):

@@ -266,6 +266,16 @@ def test_fill_mask_returns_sorted_top_k(tok):
     assert model.training                                               # mode restored
 
 
+def test_fill_mask_hides_a_whole_word_with_its_leading_space(tok):
+    """'the [MASK] sat': the model reads [CLS] the [MASK] ▁sat [SEP], as in training, where
+    [MASK] replaced a token like '▁cat' with its space, not [CLS] the ▁ [MASK] ▁sat [SEP]."""
+    model = MaskedLM(tiny_config(tok, "bert-tiny"))
+    seen = []
+    model.transformer.register_forward_hook(lambda module, args, out: seen.append(args[0][0].tolist()))
+    fill_mask(model, tok, "the [MASK] sat", top_k=1)
+    assert seen == [[tok.cls_id, *tok.encode("the"), tok.mask_id, *tok.encode(" sat"), tok.sep_id]]
+
+
 def test_fill_mask_without_mask_is_a_user_error(tok):
     model = MaskedLM(tiny_config(tok, "bert-tiny"))
     with pytest.raises(MinilmError, match=r"no \[MASK\]"):

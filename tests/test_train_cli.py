@@ -48,7 +48,23 @@ def test_tiny_run_leaves_a_complete_run_directory(corpus, tmp_path, objective, c
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert load_model_dir(out).config.causal == (objective == "clm")
-    assert str(out) in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert str(out) in printed
+    # --no-progress: every logged row is a line of its own instead of a progress bar
+    assert "step 3 lr " in printed and " val_loss " in printed and "tokenizing" not in printed
+
+
+def test_shape_flags_change_the_preset(corpus, tmp_path):
+    """--norm-position pre turns BERT's post-LN into a pre-LN encoder; the llama-tiny shape
+    (RoPE, SwiGLU, RMSNorm) with --objective mlm becomes a bidirectional encoder."""
+    out = tmp_path / "pre"
+    assert train.main(tiny_args(corpus, out, "mlm", "--max-steps", "2", "--norm-position", "pre")) == 0
+    config = load_model_dir(out).config
+    assert (config.norm_position, config.causal, config.d_model, config.n_layers) == ("pre", False, 32, 2)
+    out = tmp_path / "rope"
+    assert train.main(tiny_args(corpus, out, "mlm", "--max-steps", "2", "--preset", "llama-tiny")) == 0
+    config = load_model_dir(out).config
+    assert (config.position, config.mlp, config.causal) == ("rope", "swiglu", False)
 
 
 def test_interrupted_then_resumed_run_matches_the_uninterrupted_one(corpus, tmp_path, monkeypatch):

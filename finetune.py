@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None) -> FinetuneConfig:
                    help="sentence vector for the head (default: the model's own, cls for BERT, last for GPT)")
     a.add_argument("--dropout", type=float, default=0.1, help="dropout in body and head while finetuning")
     a.add_argument("--freeze-embeddings", action="store_true", help="keep the token (and position) embeddings "
-                   "as pretrained: helps with few labels")
+                   "as pretrained, so that with few labels the words unseen in training keep their pretrained neighbours")
     a.add_argument("--freeze-encoder", action="store_true", help="train only the head (pooler + classifier)")
     a = p.add_argument_group("data")
     a.add_argument("--data", default=None, help="training file (.csv, .tsv, .jsonl); none: the embedded tweets "

@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "[%(default)s]")
     p.add_argument("--vocab-size", type=int, default=8192, help="pretraining tokenizer [%(default)s]")
     p.add_argument("--seq-len", type=int, default=128, help="pretraining context [%(default)s]")
-    p.add_argument("--pretrain-args", default="--lr 1e-3 --batch-size 64 --warmup-steps 100 --weight-decay 0.01 "
+    p.add_argument("--pretrain-args", default="--lr 2e-3 --batch-size 64 --warmup-steps 100 --weight-decay 0.01 "
                    "--schedule linear --eval-every 200 --eval-tokens 32768 --dtype bf16 --log-every 100",
                    help="extra train.py flags [%(default)s]")
     p.add_argument("--finetune-args", default="", help="extra finetune.py flags for every finetune")

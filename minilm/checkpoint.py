@@ -65,12 +65,17 @@ def save_model_dir(model: PreTrained, directory: Path, weights_name: str = "mode
     save_weights(model, directory / weights_name)
 
 
-def load_model_config(directory: str | Path) -> tuple[ModelConfig, str]:
-    """A run directory's architecture and the head it was saved with (config.json)."""
-    path = Path(directory) / "config.json"
+def run_file(directory: str | Path, name: str) -> Path:
+    """directory/name, which must exist: a missing one is a user error naming the directory."""
+    path = Path(directory) / name
     if not path.is_file():
         raise MinilmError(f"{path} not found: is {directory} a minilm run directory (made by train.py/finetune.py)?")
-    fields = json.loads(path.read_text())
+    return path
+
+
+def load_model_config(directory: str | Path) -> tuple[ModelConfig, str]:
+    """A run directory's architecture and the head it was saved with (config.json)."""
+    fields = json.loads(run_file(directory, "config.json").read_text())
     head = fields.pop("head", "clm")
     return ModelConfig.from_dict(fields), head
 
@@ -79,9 +84,7 @@ def load_model_dir(directory: str | Path, weights_name: str = "model.safetensors
                    head: str | None = None) -> PreTrained:
     """Rebuild a model from a run directory (config.json + safetensors weights)."""
     config, saved_head = load_model_config(directory)
-    weights = Path(directory) / weights_name
-    if not weights.is_file():
-        raise MinilmError(f"{weights} not found: is {directory} a minilm run directory (made by train.py/finetune.py)?")
+    weights = run_file(directory, weights_name)
     model = HEADS[head or saved_head](config)
     load_weights(model, weights)
     return model

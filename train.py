@@ -37,13 +37,18 @@ def parse_args(argv: list[str] | None) -> PretrainConfig:
     a.add_argument("--vocab-size", type=int, default=4096)
     a.add_argument("--tokenizer-type", choices=["bpe", "unigram"], default="bpe")
     a = p.add_argument_group("model")
-    a.add_argument("--objective", choices=["clm", "mlm"], default="clm", help="causal LM (GPT) or masked LM (BERT)")
-    a.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: gpt-mini for clm, bert-mini for mlm")
+    a.add_argument("--objective", choices=["clm", "mlm", "rtd"], default="clm",
+                   help="causal LM (GPT), masked LM (BERT) or replaced-token detection (ELECTRA: a small MLM "
+                        "generator corrupts the input, the encoder spots the replaced tokens)")
+    a.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="default: gpt-mini for clm, bert-mini for mlm and rtd")
     add_shape_flags(a, "override the preset")
     a.add_argument("--seq-len", type=int, default=128, help="context length in tokens")
     a.add_argument("--dropout", type=float, default=0.0)
     a.add_argument("--attention", choices=["sdpa", "manual"], default="sdpa")
-    a.add_argument("--mask-prob", type=float, default=0.15, help="MLM: share of tokens to predict")
+    a.add_argument("--mask-prob", type=float, default=0.15, help="MLM and RTD: share of tokens to mask")
+    a.add_argument("--generator-layers", type=int, default=1, help="RTD: blocks of the generator (same width, "
+                   "shared embeddings)")
     a = p.add_argument_group("optimisation")
     a.add_argument("--batch-size", type=int, default=32)
     a.add_argument("--grad-accum", type=int, default=1)
@@ -84,7 +89,8 @@ def parse_args(argv: list[str] | None) -> PretrainConfig:
         dropout=args.dropout,
         attention=args.attention, seq_len=args.seq_len, batch_size=args.batch_size, vocab_size=args.vocab_size,
         tokenizer_type=args.tokenizer_type, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
-        split=args.split, text_field=args.text_field, mask_prob=args.mask_prob, eval_tokens=args.eval_tokens,
+        split=args.split, text_field=args.text_field, mask_prob=args.mask_prob,
+        generator_layers=args.generator_layers, eval_tokens=args.eval_tokens,
         cache_dir=args.cache_dir, device=args.device, dtype=args.dtype, seed=args.seed, resume=args.resume,
         loop=loop)
 
@@ -95,13 +101,21 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"done in {summary['wall_seconds']:.0f}s: {summary['steps']} steps, {summary['tokens']:,} tokens "
           f"({summary['stop_reason']})")
-    line = f"validation: loss {summary['val_loss']:.3f} nats/token, perplexity {summary['val_ppl']:.1f}"
+    if cfg.objective == "rtd":
+        line = (f"validation: replaced-token detection accuracy {summary['val_rtd_acc']:.1%} ("
+                f"{summary['val_replaced']:.1%} of tokens replaced), loss {summary['val_rtd_loss']:.3f}; generator "
+                f"MLM loss {summary['val_mlm_loss']:.3f}, masked-token accuracy {summary['val_mlm_acc']:.1%}")
+    else:
+        line = f"validation: loss {summary['val_loss']:.3f} nats/token, perplexity {summary['val_ppl']:.1f}"
     if "val_bpc" in summary:
         line += f", {summary['val_bpc']:.3f} bits/char"
-    if "val_mlm_acc" in summary:
+    if "val_mlm_acc" in summary and cfg.objective == "mlm":
         line += f", masked-token accuracy {summary['val_mlm_acc']:.1%}"
     print(line)
     print(f"outputs: {cfg.out}/  (model.safetensors, best.safetensors, metrics.jsonl, summary.json, loss.png)")
+    if cfg.objective == "rtd":
+        print(f"next:    python finetune.py --init {cfg.out}   (the discriminator is the encoder to finetune)")
+        return 0
     if cfg.objective == "clm":
         kind = '--prompt "And God said"' if not cfg.data else '--prompt "The"'
     else:

@@ -10,7 +10,7 @@ Stages, each a real command line, timed wall-clock:
                training rows), val.tsv (the 500 longest rows), train_2000.tsv (2,000 rows)
   2. tfidf     TF-IDF 1-2-gram + logistic regression (liblinear) trained on train.tsv,
                accuracy on val.tsv (scikit-learn; the reference says 78.6%)
-  3. pretrain  train.py --objective mlm on the *text* of the split's training rows (unique
+  3. pretrain  train.py --objective mlm (or rtd: ELECTRA) on the *text* of the split's training rows (unique
                rows; the validation sentences are never seen) + the WordNet glosses
   4. finetune  finetune.py --init PRETRAINED on train.tsv and on train_2000.tsv, and the same
                architecture with --init scratch (random weights, the pretrained tokenizer) on both
@@ -68,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # with RoPE it left it within 2 minutes (val loss 5.73 after 250 s vs 6.59 after 360 s).
     p.add_argument("--preset", default="llama-tiny", help="architecture of the pretrained and scratch models "
                    "[%(default)s]")
+    p.add_argument("--objective", choices=["mlm", "rtd"], default="mlm", help="pretraining objective: masked LM "
+                   "(BERT) or replaced-token detection (ELECTRA) [%(default)s]")
     p.add_argument("--vocab-size", type=int, default=8192, help="pretraining tokenizer [%(default)s]")
     p.add_argument("--seq-len", type=int, default=128, help="pretraining context [%(default)s]")
     p.add_argument("--pretrain-args", default="--lr 2e-3 --batch-size 64 --warmup-steps 100 --weight-decay 0.01 "
@@ -222,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         budget = ["--max-steps", "20"] if smoke else ["--time-budget", str(args.pretrain_budget)]
         shape = ["--preset", "bert-tiny", "--vocab-size", "1000", "--seq-len", "64"] if smoke else \
             ["--preset", args.preset, "--vocab-size", str(args.vocab_size), "--seq-len", str(args.seq_len)]
-        cmd = [sys.executable, "train.py", "--data", str(corpus), "--objective", "mlm", *shape, *budget,
+        cmd = [sys.executable, "train.py", "--data", str(corpus), "--objective", args.objective, *shape, *budget,
                "--out", str(pre_dir), "--cache-dir", str(out / "cache"), "--no-progress", "--seed", str(args.seed),
                *shlex.split(args.pretrain_args)]
         results["pretrain"] = reuse_or_run("pretrain", pre_dir, cmd, logs, times)
@@ -277,8 +279,13 @@ def markdown_table(results: dict, rows: dict, args: argparse.Namespace) -> str:
         lines.append(f"| TF-IDF 1-2-gram + logistic regression | - | {t['train_rows']:,} | {t['val_accuracy']:.1%} "
                      f"| - | - | {minutes(t['seconds'])} |")
     pre = results.get("pretrain")
-    names = {"pretrained": f"MLM-pretrained for {minutes(times.get('pretrain'))} (masked-token accuracy "
-                           f"{pre['val_mlm_acc']:.1%})" if pre else "MLM-pretrained",
+    objective = "ELECTRA" if args.objective == "rtd" else "MLM"
+    if pre and "val_rtd_acc" in pre:
+        how = f"replaced-token detection accuracy {pre['val_rtd_acc']:.1%}"
+    elif pre:
+        how = f"masked-token accuracy {pre['val_mlm_acc']:.1%}"
+    names = {"pretrained": f"{objective}-pretrained for {minutes(times.get('pretrain'))} ({how})" if pre
+             else f"{objective}-pretrained",
              "scratch": "random (same architecture and tokenizer)", "hf": "all-MiniLM-L6-v2 (Hugging Face)"}
     for kind in ("pretrained", "scratch", "hf"):
         for train_set in ("all", "few"):

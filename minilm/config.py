@@ -63,6 +63,7 @@ class ModelConfig:
     pooling: Pooling = "cls"
     pooler: bool = False            # BERT's pooler: tanh(W h_cls + b) before the classifier
     classifier_bias: bool = True    # GPT-2's score head has none
+    generator_layers: int = 1       # ELECTRA (head "rtd"): depth of the generator, same width
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:

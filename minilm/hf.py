@@ -507,8 +507,8 @@ def from_hf(hf_model_or_path: Any, head: str | None = None, *, dtype: torch.dtyp
     if head is None:
         raise MinilmError(f"this checkpoint is a bare {family.classes['body']} without a head; "
                           f"pass head= one of {sorted(h for h in family.classes if h != 'body')}")
-    if head not in HEADS:
-        raise MinilmError(f"head={head!r}; choose one of {sorted(HEADS)}")
+    if head not in HEAD_OF.values():
+        raise MinilmError(f"head={head!r}; choose one of {sorted(HEAD_OF.values())}")
     _check_head(family.model_type, head, config)
 
     model = HEADS[head](config)

@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from minilm.attention import (ATTENTION, KVCache, SelfAttention, build_keep_mask, dropout, keep_for_rows,
                               rope_tables)
 from minilm.config import ModelConfig
-from minilm.objectives import IGNORE_INDEX, linear_cross_entropy  # IGNORE_INDEX: a label with no loss
+from minilm.objectives import (IGNORE_INDEX, RTD_WEIGHT, linear_cross_entropy,  # IGNORE_INDEX: a label with no loss
+                               replace_with_samples)
 
 
 @dataclass
@@ -378,4 +379,65 @@ class SequenceClassifier(PreTrained):
         return ModelOutput(logits, loss)
 
 
-HEADS = {"mlm": MaskedLM, "clm": CausalLM, "classify": SequenceClassifier}
+@dataclass
+class DetectionOutput(ModelOutput):
+    """ReplacedTokenDetection's output: logits (B, T) are the discriminator's "replaced" logits;
+    loss = generator_loss + RTD_WEIGHT · detection_loss."""
+    generator_loss: Tensor | None = None     # the generator's MLM cross-entropy (nats)
+    detection_loss: Tensor | None = None     # mean binary cross-entropy over real tokens
+    replaced: Tensor | None = None           # (B, T) bool: which tokens the generator changed
+    real: Tensor | None = None               # (B, T) bool: which positions count (not padding)
+
+
+class ReplacedTokenDetection(PreTrained):
+    """ELECTRA pretraining (Clark et al., 2020): a discriminator learns from every token.
+
+    A masked LM learns only at the ~15% masked positions. ELECTRA puts a small masked LM,
+    the *generator* G, in front: it fills the masked positions with plausible samples, and
+    the *discriminator* D (this model's `transformer`, the body that finetuning keeps)
+    predicts for every token whether it was replaced:
+
+        x̃ = mask(x)                        ŷ_i ~ softmax(G(x̃)_i)  at masked positions
+        x' = x with the masked positions set to ŷ       r_t = [x'_t ≠ x_t]
+        L = CE(G(x̃), x)  +  λ · mean_t BCE(D(x')_t, r_t)         λ = RTD_WEIGHT = 50
+
+    No gradient flows through the sampling: G learns only its MLM loss. G has the same width
+    and `config.generator_layers` blocks (ELECTRA: a generator ~1/4-1/2 the discriminator's
+    size works best) and shares D's embeddings, as in the paper.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.detector = nn.Sequential(nn.Linear(config.d_model, config.d_model, bias=config.bias),
+                                      nn.GELU(),
+                                      nn.Linear(config.d_model, 1, bias=config.bias))
+        self.init_weights()
+        self.generator = MaskedLM(config.replace(n_layers=config.generator_layers))
+        self.generator.transformer.embeddings = self.transformer.embeddings         # shared
+        if config.tie_embeddings:
+            self.generator.decoder.weight = self.transformer.embeddings.tokens.weight
+
+    def detect(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+               token_type_ids: Tensor | None = None, attention: str | None = None) -> Tensor:
+        """(B, T) logits of "this token was replaced"."""
+        h = self.transformer(input_ids, attention_mask, token_type_ids, attention=attention)  # (B, T, d)
+        return self.detector(h).squeeze(-1).float()
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                token_type_ids: Tensor | None = None, labels: Tensor | None = None,
+                attention: str | None = None, sampler: torch.Generator | None = None) -> ModelOutput:
+        """input_ids (B, T) and labels as for MaskedLM (objectives.mask_tokens). Without labels:
+        the discriminator's logits on input_ids as given. sampler: a torch.Generator for the
+        generator's samples (default: the global RNG, which training checkpoints)."""
+        if labels is None:
+            return ModelOutput(self.detect(input_ids, attention_mask, token_type_ids, attention))
+        generated = self.generator(input_ids, attention_mask, token_type_ids, labels=labels, attention=attention)
+        corrupted, replaced = replace_with_samples(input_ids, labels, generated.logits, sampler)
+        logits = self.detect(corrupted, attention_mask, token_type_ids, attention)              # (B, T)
+        real = torch.ones_like(replaced) if attention_mask is None else attention_mask.bool()
+        detection_loss = F.binary_cross_entropy_with_logits(logits[real], replaced[real].float())
+        return DetectionOutput(logits, generated.loss + RTD_WEIGHT * detection_loss,
+                               generated.loss, detection_loss, replaced, real)
+
+
+HEADS = {"mlm": MaskedLM, "clm": CausalLM, "classify": SequenceClassifier, "rtd": ReplacedTokenDetection}

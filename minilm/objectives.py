@@ -34,6 +34,10 @@ MASK_TOKEN_SHARE = 0.8    # of the chosen: replaced by [MASK]
 RANDOM_TOKEN_SHARE = 0.1  # of the chosen: replaced by a random (non-special) token
 # ... and the remaining 10% keep their original token.
 
+# ELECTRA's weight of the replaced-token-detection loss against the generator's MLM loss
+# (Clark et al., 2020, section 3.1: λ = 50; the binary loss is much smaller per token).
+RTD_WEIGHT = 50.0
+
 
 def mask_tokens(
     input_ids: torch.Tensor,
@@ -107,6 +111,35 @@ def mask_tokens(
     masked[to_random_token] = random_tokens[to_random_token]
     return masked, labels
 
+
+
+def replace_with_samples(input_ids: torch.Tensor, labels: torch.Tensor, generator_logits: torch.Tensor,
+                         generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """ELECTRA's corruption (Clark et al., 2020): the masked positions get tokens sampled
+    from a small generator; the discriminator then tells replaced tokens from original ones.
+
+        x_t        = labels_t if position t was chosen by mask_tokens, else input_ids_t
+        x'_t       ~ softmax(generator_logits_t)   at chosen positions     (no gradient)
+        x'_t       = x_t                            elsewhere
+        replaced_t = [x'_t != x_t]     a sample that happens to be the original counts as original
+
+    Args:
+        input_ids: (B, T) the masked input (as returned by mask_tokens).
+        labels: (B, T) original ids at the chosen positions, IGNORE_INDEX elsewhere.
+        generator_logits: (N_chosen, V), one row per chosen position in row-major order
+            (what MaskedLM returns when given labels).
+        generator: optional torch.Generator for the sampling (e.g. a fixed one for evaluation).
+
+    Returns:
+        (corrupted_ids (B, T) int64, replaced (B, T) bool).
+    """
+    chosen = labels != IGNORE_INDEX
+    original = torch.where(chosen, labels, input_ids)
+    probs = generator_logits.detach().float().softmax(dim=-1)                  # (N, V)
+    samples = torch.multinomial(probs, 1, generator=generator).squeeze(1)     # (N,)
+    corrupted = original.clone()
+    corrupted[chosen] = samples
+    return corrupted, corrupted != original
 
 def shift_for_clm(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Causal-LM labels aligned with the inputs: labels[:, t] = input_ids[:, t+1].

@@ -1,12 +1,16 @@
 """Pretraining from raw text, end to end: the library behind train.py.
 
     sources ─► tokenizer (train on the training split, or reuse) ─► token files (cached)
-            ─► model (preset + overrides) ─► batches (CLM windows | MLM packed + masked)
+            ─► model (preset + overrides) ─► batches (CLM windows | MLM/RTD packed + masked)
             ─► Trainer.fit ─► run directory (weights, metrics, summary, curves)
+
+Objectives: clm (CausalLM), mlm (MaskedLM), rtd (ReplacedTokenDetection, ELECTRA: the
+same masked batches as mlm feed a small generator whose samples the encoder must spot).
 
 Evaluation reports the validation loss (nats per predicted token), perplexity e^loss and,
 for causal LM, bits per character: the total nats over the whole validation text
 divided by its characters and ln 2, which compares runs with different tokenizers.
+For rtd: the generator's MLM loss and accuracy and the detection loss and accuracy.
 """
 
 from __future__ import annotations
@@ -23,12 +27,12 @@ from minilm import data
 from minilm.checkpoint import new_run_dir, save_model_dir, write_json
 from minilm.config import ModelConfig, preset, shape_overrides
 from minilm.errors import MinilmError
-from minilm.model import CausalLM, MaskedLM, PreTrained
-from minilm.objectives import bits_per_char, mask_tokens
+from minilm.model import CausalLM, MaskedLM, PreTrained, ReplacedTokenDetection
+from minilm.objectives import RTD_WEIGHT, bits_per_char, mask_tokens
 from minilm.training import LoopConfig, Trainer, dtype_name, setup_device
 from tokenizer import Tokenizer
 
-DEFAULT_PRESET = {"clm": "gpt-mini", "mlm": "bert-mini"}
+DEFAULT_PRESET = {"clm": "gpt-mini", "mlm": "bert-mini", "rtd": "bert-mini"}
 
 
 @dataclass
@@ -56,6 +60,7 @@ class PretrainConfig:
     split: str = "doc"
     text_field: str = "text"
     mask_prob: float = 0.15
+    generator_layers: int = 1       # rtd (ELECTRA): the generator's blocks
     eval_tokens: int = 65_536       # periodic evals score this many tokens; the final one all
     cache_dir: str | None = None
     device: str = "auto"
@@ -100,12 +105,14 @@ def build_model(cfg: PretrainConfig, tok: Tokenizer) -> PreTrained:
                         dropout=cfg.dropout, attn_dropout=cfg.dropout, attention=cfg.attention, **overrides)
     except ValueError as err:
         raise MinilmError(f"model shape: {err}") from err
-    if cfg.objective == "mlm" and config.causal:
-        config = config.replace(causal=False)
-    if cfg.objective == "clm" and not config.causal:
-        config = config.replace(causal=True)
+    if cfg.objective == "rtd":
+        if not 1 <= cfg.generator_layers <= config.n_layers:
+            raise MinilmError(f"--generator-layers {cfg.generator_layers}: choose 1 … {config.n_layers} (the "
+                              "discriminator's depth); ELECTRA's generator is 1/4-1/2 of the discriminator")
+        config = config.replace(generator_layers=cfg.generator_layers)
+    config = config.replace(causal=cfg.objective == "clm")     # an encoder for mlm and rtd
     torch.manual_seed(cfg.seed)
-    return (CausalLM if cfg.objective == "clm" else MaskedLM)(config)
+    return {"clm": CausalLM, "mlm": MaskedLM, "rtd": ReplacedTokenDetection}[cfg.objective](config)
 
 
 # --------------------------------------------------------------------------------------
@@ -183,6 +190,8 @@ def mlm_evaluate(cfg: PretrainConfig, prepared: data.PreparedData, tok: Tokenize
     periodic_batches = max(1, cfg.eval_tokens // (cfg.seq_len * cfg.batch_size))
 
     def evaluate(model: PreTrained, final: bool = False) -> dict[str, float]:
+        if isinstance(model, ReplacedTokenDetection):
+            return rtd_metrics(model, final)
         total_nats, correct, n = 0.0, 0, 0
         for i, (ids, attention_mask) in enumerate(batches.ordered_batches()):
             if not final and i >= periodic_batches:
@@ -195,6 +204,34 @@ def mlm_evaluate(cfg: PretrainConfig, prepared: data.PreparedData, tok: Tokenize
             n += len(targets)
         loss = total_nats / max(n, 1)
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "val_mlm_acc": correct / max(n, 1)}
+
+    def rtd_metrics(model: ReplacedTokenDetection, final: bool) -> dict[str, float]:
+        """ELECTRA: the generator's MLM loss and accuracy, the discriminator's detection loss and
+        accuracy over real tokens, and how many tokens the samples replaced. The samples come
+        from a fixed generator, so evaluations are comparable and training's RNG is untouched."""
+        sampler = torch.Generator(device=device).manual_seed(12345)
+        sums = {"mlm_nats": 0.0, "mlm_correct": 0, "masked": 0, "bce": 0.0, "detected": 0, "real": 0, "replaced": 0}
+        for i, (ids, attention_mask) in enumerate(batches.ordered_batches()):
+            if not final and i >= periodic_batches:
+                break
+            batch = {k: v.to(device) for k, v in mask(ids, attention_mask, i).items()}
+            out = model(**batch, sampler=sampler)
+            generated = model.generator(**batch)
+            targets = batch["labels"][batch["labels"] != -100]
+            n_real = int(out.real.sum())
+            sums["mlm_nats"] += generated.loss.item() * len(targets)
+            sums["mlm_correct"] += int((generated.logits.argmax(-1) == targets).sum())
+            sums["masked"] += len(targets)
+            sums["bce"] += out.detection_loss.item() * n_real
+            sums["detected"] += int(((out.logits > 0) == out.replaced)[out.real].sum())
+            sums["real"] += n_real
+            sums["replaced"] += int(out.replaced[out.real].sum())
+        mlm = sums["mlm_nats"] / max(sums["masked"], 1)
+        detection = sums["bce"] / max(sums["real"], 1)
+        return {"val_loss": mlm + RTD_WEIGHT * detection, "val_mlm_loss": mlm,
+                "val_mlm_acc": sums["mlm_correct"] / max(sums["masked"], 1), "val_rtd_loss": detection,
+                "val_rtd_acc": sums["detected"] / max(sums["real"], 1),
+                "val_replaced": sums["replaced"] / max(sums["real"], 1)}
 
     return evaluate
 
@@ -213,7 +250,7 @@ def prepare_run_dir(out: Path, resume: bool) -> None:
 
 def run(cfg: PretrainConfig) -> dict:
     if cfg.objective not in DEFAULT_PRESET:
-        raise MinilmError(f"--objective {cfg.objective!r}: choose clm or mlm")
+        raise MinilmError(f"--objective {cfg.objective!r}: choose clm, mlm or rtd")
     out = Path(cfg.out)
     prepare_run_dir(out, cfg.resume)
     device, dtype = setup_device(cfg.device, cfg.dtype)

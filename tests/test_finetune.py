@@ -349,6 +349,24 @@ def test_freeze_embeddings_keeps_them_as_pretrained(task, pretrained_run, tmp_pa
     assert not torch.equal(tuned[name], pretrained[name])      # the rest of the body learns
 
 
+def test_finetune_from_an_electra_run_keeps_the_discriminator(task, tmp_path):
+    """An rtd run holds a generator and a discriminator; finetuning takes the discriminator."""
+    train_csv, val_csv = task
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(text for text, _ in sentiment_rows(200, 3)) + "\n")
+    electra = tmp_path / "rtd"
+    assert train.main(["--data", str(corpus), "--out", str(electra), "--objective", "rtd", "--preset", "bert-tiny",
+                       *TINY, "--vocab-size", "400", "--seq-len", "32", "--batch-size", "4", "--max-steps", "3",
+                       "--no-progress", "--dtype", "fp32", "--cache-dir", str(tmp_path / "cache")]) == 0
+    out = tmp_path / "run"
+    assert finetune.main(["--init", str(electra), "--data", str(train_csv), "--val", str(val_csv),
+                          "--out", str(out), "--max-steps", "2", "--freeze-encoder", *QUICK]) == 0
+    tuned = load_model_dir(out, "model.safetensors", head="classify").state_dict()
+    source = load_model_dir(electra).state_dict()
+    body = [name for name in tuned if name.startswith("transformer.")]
+    assert body and all(torch.equal(tuned[name], source[name]) for name in body)
+
+
 def test_finetune_from_a_hugging_face_directory(task, tmp_path):
     transformers = pytest.importorskip("transformers")
     hf_dir = tmp_path / "tiny-bert"

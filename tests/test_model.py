@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from minilm import PRESETS, CausalLM, MaskedLM, ModelConfig, SequenceClassifier, preset
-from minilm.model import pool
-from minilm.objectives import linear_cross_entropy
+from minilm.checkpoint import load_model_dir, save_model_dir
+from minilm.model import ReplacedTokenDetection, pool
+from minilm.objectives import RTD_WEIGHT, linear_cross_entropy, mask_tokens, replace_with_samples
 
 
 def tiny(name: str, **overrides) -> ModelConfig:
@@ -259,3 +260,68 @@ def test_dropout_keeps_1_minus_p_scaled_and_gradients_follow():
     assert dropout(x, 0.1, training=False) is x and dropout(x, 0.0) is x
     assert torch.equal(dropout(x, 1.0), torch.zeros_like(x))
     assert dropout(x.detach().bfloat16(), 0.5).dtype == torch.bfloat16
+
+
+def masked_batch(vocab: int = 61, seed: int = 0):
+    """Two rows (the second right-padded) masked the BERT way; ids 0-4 are specials."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (2, 20), generator=g)
+    attention_mask = torch.ones(2, 20, dtype=torch.long)
+    attention_mask[1, 14:] = 0
+    ids[1, 14:] = 0
+    masked, labels = mask_tokens(ids, vocab_size=vocab, mask_id=4, special_ids=range(5),
+                                 attention_mask=attention_mask, mask_prob=0.3, generator=g)
+    return ids, masked, labels, attention_mask
+
+
+@pytest.mark.parametrize("name", ["bert-mini", "llama-tiny"])
+def test_electra_generator_shares_the_embeddings_and_is_shallower(name):
+    model = ReplacedTokenDetection(tiny(name, n_layers=3, generator_layers=1))
+    assert model.generator.transformer.embeddings is model.transformer.embeddings
+    assert len(model.generator.transformer.blocks) == 1 and len(model.transformer.blocks) == 3
+    tied = model.generator.decoder.weight is model.transformer.embeddings.tokens.weight
+    assert tied == model.config.tie_embeddings
+
+
+def test_electra_loss_is_generator_mlm_plus_weighted_detection():
+    """L = CE(G(x̃), x) + 50 · mean BCE(D(x'), [x' ≠ x]) over real tokens, recomputed by hand."""
+    model = ReplacedTokenDetection(tiny("bert-mini"))
+    ids, masked, labels, attention_mask = masked_batch()
+    out = model(masked, attention_mask, labels=labels, sampler=torch.Generator().manual_seed(3))
+
+    generated = model.generator(masked, attention_mask, labels=labels)
+    corrupted, replaced = replace_with_samples(masked, labels, generated.logits, torch.Generator().manual_seed(3))
+    logits = model.detector(model.transformer(corrupted, attention_mask)).squeeze(-1)
+    real = attention_mask.bool()
+    bce = F.binary_cross_entropy_with_logits(logits[real], replaced[real].float())
+    assert torch.allclose(out.loss, generated.loss + RTD_WEIGHT * bce, atol=1e-5)
+    assert torch.equal(out.replaced, replaced) and torch.equal(out.real, real)
+    assert torch.equal(replaced, corrupted != ids)
+
+
+def test_electra_detection_loss_does_not_train_the_generator():
+    """No gradient through the sampling: the detection loss reaches the discriminator and the
+    shared embeddings, never the generator's own blocks; the MLM loss never the discriminator's."""
+    model = ReplacedTokenDetection(tiny("bert-mini"))
+    ids, masked, labels, attention_mask = masked_batch()
+    out = model(masked, attention_mask, labels=labels)
+    out.detection_loss.backward(retain_graph=True)
+    assert all(p.grad is None for p in model.generator.transformer.blocks.parameters())
+    assert model.transformer.embeddings.tokens.weight.grad is not None
+    model.zero_grad(set_to_none=True)
+    out.generator_loss.backward()
+    assert all(p.grad is None for p in model.transformer.blocks.parameters())
+    assert all(p.grad is None for p in model.detector.parameters())
+
+
+def test_electra_save_and_load_keeps_the_sharing(tmp_path):
+    model = ReplacedTokenDetection(tiny("bert-mini", generator_layers=2))
+    save_model_dir(model, tmp_path)
+    loaded = load_model_dir(tmp_path)
+    assert isinstance(loaded, ReplacedTokenDetection) and loaded.config.generator_layers == 2
+    assert loaded.generator.transformer.embeddings is loaded.transformer.embeddings
+    ids, masked, labels, attention_mask = masked_batch()
+    with torch.no_grad():
+        a = model(masked, attention_mask, labels=labels, sampler=torch.Generator().manual_seed(0))
+        b = loaded(masked, attention_mask, labels=labels, sampler=torch.Generator().manual_seed(0))
+    assert torch.equal(a.loss, b.loss)

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from minilm.objectives import IGNORE_INDEX, bits_per_char, mask_tokens, perplexity, shift_for_clm, summed_nll
+from minilm.objectives import (IGNORE_INDEX, bits_per_char, mask_tokens, perplexity, replace_with_samples,
+                               shift_for_clm, summed_nll)
 
 VOCAB = 1000
 SPECIALS = {0, 1, 2, 3, 4, 5, 6}  # [PAD] [UNK] [CLS] [SEP] [MASK] <s> </s>
@@ -123,3 +124,28 @@ def test_bits_per_char_and_perplexity_arithmetic() -> None:
     assert perplexity(1e6) == math.inf
     with pytest.raises(ValueError):
         bits_per_char(1.0, 0)
+
+
+def test_replace_with_samples_changes_only_chosen_positions() -> None:
+    ids, attention = make_batch(batch=8, length=64)
+    masked, labels = run_masking(ids, attention)
+    chosen = labels != IGNORE_INDEX
+    logits = torch.randn(int(chosen.sum()), VOCAB, requires_grad=True)
+    corrupted, replaced = replace_with_samples(masked, labels, logits, torch.Generator().manual_seed(0))
+    assert torch.equal(corrupted[~chosen], ids[~chosen])          # the original text elsewhere
+    assert torch.equal(replaced, corrupted != ids)                 # flags compare with the original
+    assert not replaced[~chosen].any() and replaced[chosen].float().mean() > 0.9  # near-uniform samples
+    again, _ = replace_with_samples(masked, labels, logits, torch.Generator().manual_seed(0))
+    assert torch.equal(again, corrupted)                           # reproducible with a generator
+    assert not corrupted.requires_grad
+
+
+def test_a_sample_equal_to_the_original_counts_as_original() -> None:
+    """A generator certain of the original token replaces nothing: every flag is 0."""
+    ids, attention = make_batch(batch=4, length=32)
+    masked, labels = run_masking(ids, attention)
+    targets = labels[labels != IGNORE_INDEX]
+    logits = torch.full((len(targets), VOCAB), -1e4)
+    logits[torch.arange(len(targets)), targets] = 0.0
+    corrupted, replaced = replace_with_samples(masked, labels, logits)
+    assert torch.equal(corrupted, ids) and not replaced.any()

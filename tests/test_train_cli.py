@@ -29,13 +29,13 @@ def corpus(tmp_path_factory):
 
 def tiny_args(corpus, out, objective, *extra):
     return ["--data", str(corpus), "--out", str(out), "--objective", objective,
-            "--preset", "bert-tiny" if objective == "mlm" else "gpt-mini", "--d-model", "32", "--n-heads", "2",
+            "--preset", "gpt-mini" if objective == "clm" else "bert-tiny", "--d-model", "32", "--n-heads", "2",
             "--d-ff", "64", "--n-layers", "2", "--vocab-size", "400", "--seq-len", "32", "--batch-size", "4",
             "--warmup-steps", "2", "--log-every", "1", "--eval-every", "3", "--no-progress",
             "--cache-dir", str(out.parent / "cache"), "--dtype", "fp32", *extra]
 
 
-@pytest.mark.parametrize("objective", ["clm", "mlm"])
+@pytest.mark.parametrize("objective", ["clm", "mlm", "rtd"])
 def test_tiny_run_leaves_a_complete_run_directory(corpus, tmp_path, objective, capsys):
     out = tmp_path / "run"
     assert train.main(tiny_args(corpus, out, objective, "--max-steps", "6")) == 0
@@ -67,21 +67,25 @@ def test_shape_flags_change_the_preset(corpus, tmp_path):
     assert (config.position, config.mlp, config.causal) == ("rope", "swiglu", False)
 
 
-def test_interrupted_then_resumed_run_matches_the_uninterrupted_one(corpus, tmp_path, monkeypatch):
+@pytest.mark.parametrize("objective", ["clm", "rtd"])
+def test_interrupted_then_resumed_run_matches_the_uninterrupted_one(corpus, tmp_path, monkeypatch, objective):
+    """rtd also draws the generator's samples from the global RNG, which the state restores."""
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    assert train.main(tiny_args(corpus, straight, "clm", "--max-steps", "8", "--save-every", "4")) == 0
+    args = ("--max-steps", "8", "--save-every", "4", "--dropout", "0.1")
+    assert train.main(tiny_args(corpus, straight, objective, *args)) == 0
 
-    original = data.CLMBatches.batch
+    batches = data.CLMBatches if objective == "clm" else data.MLMBatches
+    original = batches.batch
 
     def crash_at_step_5(self, step):  # as if the machine died during step 6, after the save at 4
         if step == 5:
             raise KeyboardInterrupt
         return original(self, step)
 
-    monkeypatch.setattr(data.CLMBatches, "batch", crash_at_step_5)
-    assert main_guard(lambda: train.main(tiny_args(corpus, broken, "clm", "--max-steps", "8", "--save-every", "4"))) == 130
-    monkeypatch.setattr(data.CLMBatches, "batch", original)
-    assert train.main(tiny_args(corpus, broken, "clm", "--max-steps", "8", "--save-every", "4", "--resume")) == 0
+    monkeypatch.setattr(batches, "batch", crash_at_step_5)
+    assert main_guard(lambda: train.main(tiny_args(corpus, broken, objective, *args))) == 130
+    monkeypatch.setattr(batches, "batch", original)
+    assert train.main(tiny_args(corpus, broken, objective, *args, "--resume")) == 0
 
     def curve(run):
         rows = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())

@@ -123,3 +123,22 @@ def test_bits_per_char_and_perplexity_arithmetic() -> None:
     assert perplexity(1e6) == math.inf
     with pytest.raises(ValueError):
         bits_per_char(1.0, 0)
+
+
+def test_matmul_t_is_a_times_b_transposed():
+    """objectives.matmul_t (oneDNN on an x86 CPU) computes a @ bᵀ to float rounding, for
+    contiguous and transposed operands, zero rows, and a weight changed in place between
+    calls (nothing may be cached from the first call); a tensor that wants a gradient
+    gets plain autograd matmul."""
+    from minilm.objectives import matmul_t
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(37, 64, generator=gen), torch.randn(50, 64, generator=gen)
+    for x, y in ((a, b), (a, b.t().contiguous().t()), (a.t().contiguous().t(), b), (a[:0], b), (a[::2], b)):
+        assert torch.allclose(matmul_t(x, y), x @ y.t(), atol=1e-5)
+    b.add_(1.0)
+    assert torch.allclose(matmul_t(a, b), a @ b.t(), atol=1e-4)
+    w = b.clone().requires_grad_()
+    out = matmul_t(a, w)
+    assert out.requires_grad
+    out.sum().backward()
+    assert torch.allclose(w.grad, a.sum(0).expand_as(w), atol=1e-4)

@@ -18,7 +18,9 @@ Everything here is a pure function of its arguments (plus an optional torch
 
 from __future__ import annotations
 
+import functools
 import math
+import platform
 from collections.abc import Iterable
 
 import torch
@@ -194,6 +196,35 @@ def summed_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor
     return total, count
 
 
+def matmul_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ bᵀ for a (m, k), b (n, k) — the product a linear layer computes (x Wᵀ) — through
+    oneDNN on an x86 CPU in float32.
+
+    Why not plain `a @ b.t()`: PyTorch multiplies float32 matrices on the CPU with MKL,
+    and MKL runs its AVX2 code on AMD processors; oneDNN, which ships inside PyTorch too,
+    picks its kernel by the instruction sets the CPU has and uses AVX-512. On an AMD EPYC
+    (Zen 5) that made the LM head's products 2-2.5x faster (512x256 @ 256x8192 on one
+    core: 24 ms MKL, 10 ms oneDNN). It is the same float32 arithmetic summed in another
+    order, so results agree to float rounding. The entry point is
+    `torch.ops.mkldnn._linear_pointwise(x, w) = x @ wᵀ`, the CPU linear torch.compile
+    uses. It reads b fastest when b is contiguous (n, k) and copies it otherwise, so the
+    callers pass their operands in that layout. It has no autograd: it is for code that
+    makes its own gradients (LinearCrossEntropy). Everything else — CUDA, bf16 or
+    autocast, a tensor that wants a gradient, a build without oneDNN — gets `a @ b.t()`.
+    """
+    if (_onednn_linear_available() and a.device.type == "cpu" and a.dtype == b.dtype == torch.float32
+            and a.dim() == b.dim() == 2 and not torch.is_autocast_enabled("cpu")
+            and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))):
+        return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+    return a @ b.t()
+
+
+@functools.cache
+def _onednn_linear_available() -> bool:
+    return (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """mean −log softmax(h Wᵀ)[label], a few rows at a time, without keeping the logits.
 
@@ -203,13 +234,19 @@ class LinearCrossEntropy(torch.autograd.Function):
     pass walks over chunks of rows and finishes each chunk's gradient on the spot:
 
         z = h_c Wᵀ                                   (c, V)  logits of the chunk
-        loss_c = Σ_rows (logsumexp(z) − z[label])    −log p(label)
-        ∂loss/∂z = softmax(z) − onehot(label)        (c, V), / number of targets
-        ∂loss/∂h_c = ∂z · W        ∂loss/∂W += ∂zᵀ · h_c
+        loss_c = Σ_rows s · (logsumexp(z) − z[label])      s = 1 / number of targets, 0 if ignored
+        ∂loss/∂z = s · (softmax(z) − onehot(label))  (c, V)
+        ∂loss/∂h_c = ∂z · W        ∂loss/∂Wᵀ += (s h_c)ᵀ · (softmax(z) − onehot(label))
 
     so only one chunk of logits exists at any time. backward() then just scales the
     stored gradients by the incoming one. Rows labelled IGNORE_INDEX count for
     nothing. Same result as F.cross_entropy(h @ W.T, labels), in the same matmuls.
+
+    The three matmuls are most of the cost; they go through `matmul_t` (oneDNN on a
+    CPU), each with its second operand contiguous: W, Wᵀ (one copy per call) and the
+    chunk's softmax itself, which is why the weight's gradient is accumulated
+    transposed, (d, V). The row factor s is applied to the narrow (c, d) side of each
+    product rather than to the (c, V) block, one pass over memory fewer.
     """
 
     @staticmethod
@@ -219,28 +256,31 @@ class LinearCrossEntropy(torch.autograd.Function):
         keep = labels != IGNORE_INDEX                                          # (N,)
         count = keep.sum().clamp(min=1)
         targets = labels.clamp(min=0)
+        row_scale = (keep / count)[:, None]                                    # (N, 1) s
         total = h.new_zeros((), dtype=torch.float32)
-        grad_h = torch.zeros_like(h) if want_grad else None
-        grad_w = torch.zeros_like(weight) if want_grad else None
+        grad_h = grad_w_t = None
+        if want_grad:
+            weight_t = weight.t().contiguous()                                 # (d, V)
+            grad_h = torch.empty_like(h)                                       # (N, d)
+            grad_w_t = weight.new_zeros(weight_t.shape)                        # (d, V)
         for start in range(0, h.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
-            logits = (h[rows] @ weight.t()).float()                            # (c, V)
-            picked = logits.gather(1, targets[rows, None]).squeeze(1)          # (c,) z[label]
+            logits = matmul_t(h[rows], weight).float()                         # (c, V)
+            picked = logits.gather(1, targets[rows, None])                     # (c, 1) z[label]
             # logsumexp(z) = max + log Σ exp(z − max), in place: the exps become the softmax
             top = logits.amax(-1, keepdim=True)                                # (c, 1)
             exps = logits.sub_(top).exp_()                                     # (c, V)
-            sums = exps.sum(-1)                                                # (c,)
-            lse = top.squeeze(1) + sums.log()                                  # (c,)
-            total += ((lse - picked) * keep[rows]).sum()
+            sums = exps.sum(-1, keepdim=True)                                  # (c, 1)
+            total += ((top + sums.log() - picked) * row_scale[rows]).sum()
             if want_grad:
-                grad_z = exps.div_(sums[:, None])                              # softmax(z)
-                grad_z[torch.arange(len(grad_z)), targets[rows]] -= 1.0
-                grad_z *= (keep[rows] / count)[:, None]
+                grad_z = exps.div_(sums)                                       # softmax(z)
+                grad_z[torch.arange(len(grad_z)), targets[rows]] -= 1.0        # − onehot(label)
                 grad_z = grad_z.to(weight.dtype)      # float32 stays; bf16 weights get bf16 (autocast casts)
-                grad_h[rows] = grad_z @ weight
-                grad_w += grad_z.t() @ h[rows]
-        ctx.save_for_backward(grad_h, grad_w)
-        return total / count
+                s = row_scale[rows].to(h.dtype)                                # (c, 1)
+                grad_h[rows] = matmul_t(grad_z, weight_t) * s                  # s (softmax − onehot) W
+                grad_w_t += matmul_t((h[rows] * s).t(), grad_z.t())            # (s h_c)ᵀ (softmax − onehot)
+        ctx.save_for_backward(grad_h, None if grad_w_t is None else grad_w_t.t().contiguous())   # ∂loss/∂W
+        return total
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from minilm.objectives import (IGNORE_INDEX, bits_per_char, mask_tokens, perplexity, replace_with_samples,
-                               shift_for_clm, summed_nll)
+from minilm.objectives import (IGNORE_INDEX, bits_per_char, mask_tokens, matmul_t, perplexity,
+                               replace_with_samples, shift_for_clm, summed_nll)
 
 VOCAB = 1000
 SPECIALS = {0, 1, 2, 3, 4, 5, 6}  # [PAD] [UNK] [CLS] [SEP] [MASK] <s> </s>
@@ -149,3 +149,21 @@ def test_a_sample_equal_to_the_original_counts_as_original() -> None:
     logits[torch.arange(len(targets)), targets] = 0.0
     corrupted, replaced = replace_with_samples(masked, labels, logits)
     assert torch.equal(corrupted, ids) and not replaced.any()
+
+
+def test_matmul_t_is_a_times_b_transposed():
+    """objectives.matmul_t (oneDNN on an x86 CPU) computes a @ bᵀ to float rounding, for
+    contiguous and transposed operands, zero rows, and a weight changed in place between
+    calls (nothing may be cached from the first call); a tensor that wants a gradient
+    gets plain autograd matmul."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(37, 64, generator=gen), torch.randn(50, 64, generator=gen)
+    for x, y in ((a, b), (a, b.t().contiguous().t()), (a.t().contiguous().t(), b), (a[:0], b), (a[::2], b)):
+        assert torch.allclose(matmul_t(x, y), x @ y.t(), atol=1e-5)
+    b.add_(1.0)
+    assert torch.allclose(matmul_t(a, b), a @ b.t(), atol=1e-4)
+    w = b.clone().requires_grad_()
+    out = matmul_t(a, w)
+    assert out.requires_grad
+    out.sum().backward()
+    assert torch.allclose(w.grad, a.sum(0).expand_as(w), atol=1e-4)

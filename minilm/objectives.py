@@ -210,9 +210,11 @@ def matmul_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     uses. It reads b fastest when b is contiguous (n, k) and copies it otherwise, so the
     callers pass their operands in that layout. It has no autograd: it is for code that
     makes its own gradients (LinearCrossEntropy). Everything else — CUDA, bf16 or
-    autocast, a tensor that wants a gradient, a build without oneDNN — gets `a @ b.t()`.
+    autocast, a tensor that wants a gradient, a build without oneDNN, code being traced by
+    torch.compile (which picks its own kernels, and whose lowering of this op expects
+    frozen weights) — gets `a @ b.t()`.
     """
-    if (_onednn_linear_available() and a.device.type == "cpu" and a.dtype == b.dtype == torch.float32
+    if (not torch.compiler.is_compiling() and a.device.type == "cpu" and _onednn_linear_available() and a.dtype == b.dtype == torch.float32
             and a.dim() == b.dim() == 2 and not torch.is_autocast_enabled("cpu")
             and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))):
         return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
@@ -221,8 +223,17 @@ def matmul_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @functools.cache
 def _onednn_linear_available() -> bool:
-    return (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    """The private op exists, runs, and gives a @ bᵀ on a small probe. A torch release that
+    changes or drops it makes this False, and matmul_t falls back to the plain product."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available():
+        return False
+    a, b = torch.randn(3, 8), torch.randn(5, 8)
+    try:
+        with torch.no_grad():
+            out = torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+    except (AttributeError, RuntimeError, TypeError):
+        return False
+    return out.shape == (3, 5) and bool(torch.allclose(out, a @ b.t(), atol=1e-5))
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -288,10 +299,14 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_h * grad_loss, grad_w * grad_loss, None, None
 
 
+@torch.compiler.disable
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                          chunk_rows: int = 512) -> torch.Tensor:
     """F.cross_entropy(h @ weight.T, labels) for h (..., d), weight (V, d), labels (...),
-    computed chunk by chunk (LinearCrossEntropy): the (..., V) logits never exist whole."""
+    computed chunk by chunk (LinearCrossEntropy): the (..., V) logits never exist whole.
+
+    torch.compile leaves it alone (one graph break, after the last block): its loop of
+    matmuls gains nothing from fusion, and eager it keeps the oneDNN products of matmul_t."""
     return LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight, labels.reshape(-1), chunk_rows)
 
 

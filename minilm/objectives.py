@@ -214,9 +214,10 @@ def matmul_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     torch.compile (which picks its own kernels, and whose lowering of this op expects
     frozen weights) — gets `a @ b.t()`.
     """
-    if (not torch.compiler.is_compiling() and a.device.type == "cpu" and _onednn_linear_available() and a.dtype == b.dtype == torch.float32
-            and a.dim() == b.dim() == 2 and not torch.is_autocast_enabled("cpu")
-            and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))):
+    if (a.device.type == "cpu" and a.dtype == b.dtype == torch.float32 and a.dim() == b.dim() == 2
+            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
+            and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))
+            and _onednn_linear_available()):
         return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
     return a @ b.t()
 
@@ -227,13 +228,15 @@ def _onednn_linear_available() -> bool:
     changes or drops it makes this False, and matmul_t falls back to the plain product."""
     if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available():
         return False
-    a, b = torch.randn(3, 8), torch.randn(5, 8)
+    # fixed values, not torch.randn: the probe must not draw from the global RNG (resume)
+    a = torch.arange(24, dtype=torch.float32).reshape(3, 8).sin()
+    b = torch.arange(40, dtype=torch.float32).reshape(5, 8).cos()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):
             out = torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+            return out.shape == (3, 5) and bool(torch.allclose(out, a @ b.t(), atol=1e-5))
     except (AttributeError, RuntimeError, TypeError):
         return False
-    return out.shape == (3, 5) and bool(torch.allclose(out, a @ b.t(), atol=1e-5))
 
 
 class LinearCrossEntropy(torch.autograd.Function):

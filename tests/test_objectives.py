@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import platform
 
 import pytest
 import torch
@@ -149,6 +150,22 @@ def test_a_sample_equal_to_the_original_counts_as_original() -> None:
     logits[torch.arange(len(targets)), targets] = 0.0
     corrupted, replaced = replace_with_samples(masked, labels, logits)
     assert torch.equal(corrupted, ids) and not replaced.any()
+
+
+def test_matmul_t_probe_works_under_autocast_and_leaves_the_rng_alone():
+    """The first call may come inside bf16 autocast (train.py's default on a CPU with bf16):
+    the probe must still run in float32, and must not draw from the global RNG."""
+    from minilm.objectives import _onednn_linear_available
+    _onednn_linear_available.cache_clear()
+    a, b = torch.randn(4, 8), torch.randn(6, 8)
+    state = torch.get_rng_state()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = matmul_t(a, b)
+        available = _onednn_linear_available()
+    assert out.dtype == torch.bfloat16 and torch.allclose(out.float(), a @ b.t(), atol=0.1)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert available == (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+                         and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
 def test_matmul_t_is_a_times_b_transposed():

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from minilm import PRESETS, CausalLM, MaskedLM, ModelConfig, SequenceClassifier, preset
+from minilm.attention import build_keep_mask
 from minilm.checkpoint import load_model_dir, save_model_dir
 from minilm.model import ReplacedTokenDetection, pool
 from minilm.objectives import RTD_WEIGHT, linear_cross_entropy, mask_tokens, replace_with_samples
@@ -325,3 +326,25 @@ def test_electra_save_and_load_keeps_the_sharing(tmp_path):
         a = model(masked, attention_mask, labels=labels, sampler=torch.Generator().manual_seed(0))
         b = loaded(masked, attention_mask, labels=labels, sampler=torch.Generator().manual_seed(0))
     assert torch.equal(a.loss, b.loss)
+
+
+@pytest.mark.parametrize("name", ["bert-mini", "gpt-mini", "llama-tiny"])
+def test_a_block_compiles_without_graph_breaks(name):
+    """torch.compile sees a Block as one graph (torch._dynamo.explain), with a padding mask
+    and RoPE where the shape has them. (Transformer.forward itself breaks once when given
+    an attention_mask: it asks whether the mask is all ones, to hand SDPA no mask at all.)"""
+    torch._dynamo.reset()
+    config = tiny(name)
+    model = SequenceClassifier(config).eval()
+    block = model.transformer.blocks[0]
+    x = torch.randn(2, 12, config.d_model)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 8:] = 0
+    keep = build_keep_mask(mask, 12, 12, config.causal, x.device)
+    rope = None
+    if config.position == "rope":
+        rope = (model.transformer.rope_cos[None, None, :12], model.transformer.rope_sin[None, None, :12])
+    explained = torch._dynamo.explain(block)(x, keep, False, rope, None, "sdpa")
+    assert explained.graph_break_count == 0, explained.break_reasons
+    explained = torch._dynamo.explain(model.transformer)(torch.randint(5, 61, (2, 12)))   # no mask: one graph
+    assert explained.graph_break_count == 0, explained.break_reasons

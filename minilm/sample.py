@@ -23,7 +23,7 @@ import torch
 from minilm.checkpoint import load_model_dir
 from minilm.errors import MinilmError
 from minilm.generate import check_sampling_options, fill_mask, generate
-from minilm.model import CausalLM, MaskedLM
+from minilm.model import CausalLM, MaskedLM, ReplacedTokenDetection
 from minilm.training import resolve_device
 from tokenizer import Tokenizer
 
@@ -115,6 +115,9 @@ def run(args: argparse.Namespace) -> None:
     if tokenizer.vocab_size > model.config.vocab_size:
         raise MinilmError(f"{args.run_dir}/tokenizer has {tokenizer.vocab_size} ids but the model only "
                           f"{model.config.vocab_size}: the tokenizer is not the one the model was trained with")
+    if isinstance(model, ReplacedTokenDetection):   # ELECTRA: its generator is a masked LM
+        print(f"{args.run_dir} is an ELECTRA run: filling masks with its generator", file=sys.stderr)
+        model = model.generator
     kind = "causal LM" if isinstance(model, CausalLM) else "masked LM" if isinstance(model, MaskedLM) else None
     if kind is None:
         raise MinilmError(f"{args.run_dir} holds a {type(model).__name__}, which does not generate text: "

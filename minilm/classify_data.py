@@ -440,10 +440,13 @@ class EncodedTexts:
 
 
 class TextEncoder(Protocol):
-    """What batching needs from a tokenizer. `kind` is "minilm" or "hf"."""
+    """What batching needs from a tokenizer. `kind` is "minilm" or "hf"; mask_id is None
+    for a tokenizer without a mask token (GPT-2)."""
 
     kind: str
     pad_id: int
+    mask_id: int | None
+    special_ids: list[int]
 
     def __len__(self) -> int: ...
     def encode(self, texts: Sequence[str], pairs: Sequence[str] | None, max_length: int) -> EncodedTexts: ...
@@ -458,6 +461,8 @@ class MinilmTextEncoder:
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_id
+        self.mask_id = tokenizer.mask_id
+        self.special_ids = sorted(tokenizer.special_ids)
 
     def __len__(self) -> int:
         return len(self.tokenizer)
@@ -482,6 +487,8 @@ class HFTextEncoder:
         self.tokenizer = tokenizer
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = pad if pad is not None else 0
+        self.mask_id = tokenizer.mask_token_id
+        self.special_ids = sorted(set(tokenizer.all_special_ids) | {self.pad_id})
 
     def __len__(self) -> int:
         return len(self.tokenizer)

@@ -44,6 +44,7 @@ from minilm.classify_data import (DEFAULT_DATASET, EncodedTexts, HFTextEncoder, 
 from minilm.config import ModelConfig, preset, shape_overrides
 from minilm.errors import MinilmError
 from minilm.model import PreTrained, SequenceClassifier
+from minilm.objectives import mask_tokens
 from minilm.pretrain import plot_curves, say
 from minilm.training import LoopConfig, Trainer, autocast, dtype_name, resolve_device, setup_device
 
@@ -96,6 +97,7 @@ class FinetuneConfig:
     dropout: float | None = 0.1
     freeze_encoder: bool = False
     freeze_embeddings: bool = False
+    token_mask: float = 0.0               # augmentation: share of text tokens corrupted per step (MLM style)
     class_weights: str = "none"           # none | auto (inverse frequency)
     metric: str = "accuracy"              # accuracy | macro_f1: picks best.safetensors
     batch_size: int = 32
@@ -347,6 +349,8 @@ def check_choices(cfg: FinetuneConfig) -> None:
                                  ("--pooling", cfg.pooling, [None, "cls", "mean", "last"])):
         if value not in allowed:
             raise MinilmError(f"{flag} {value!r}: choose one of {[a for a in allowed if a]}")
+    if not 0 <= cfg.token_mask < 1:
+        raise MinilmError(f"--token-mask must be in [0, 1), got {cfg.token_mask}")
 
 
 def run(cfg: FinetuneConfig) -> dict:
@@ -366,6 +370,8 @@ def run(cfg: FinetuneConfig) -> dict:
     say("labels: " + ", ".join(f"{n} {c:,}" for n, c in zip(labels.names, counts.tolist())))
 
     model, encoder, note = build_model(cfg, len(labels), train)
+    if cfg.token_mask and encoder.mask_id is None:
+        raise MinilmError("--token-mask needs a tokenizer with a mask token; this one has none (GPT-style)")
     max_length = cfg.max_length or min(128, model.config.max_seq_len)
     if max_length > model.config.max_seq_len:
         raise MinilmError(f"--max-length {max_length} exceeds the model's context of {model.config.max_seq_len} tokens")
@@ -398,6 +404,11 @@ def run(cfg: FinetuneConfig) -> dict:
         indices = batches.indices(i)
         batch = pad_batch(enc_train, indices.tolist(), encoder.pad_id)
         batch["labels"] = y_train[torch.from_numpy(indices)]
+        if cfg.token_mask:
+            # a fresh corruption every step, from the global RNG the resume state saves
+            batch["input_ids"], _ = mask_tokens(batch["input_ids"], vocab_size=len(encoder), mask_id=encoder.mask_id,
+                                                special_ids=encoder.special_ids,
+                                                attention_mask=batch["attention_mask"], mask_prob=cfg.token_mask)
         if weights is not None:
             batch["class_weights"] = weights
         return batch

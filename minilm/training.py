@@ -133,23 +133,47 @@ def setup_device(device_name: str = "auto", dtype_name_: str = "auto") -> tuple[
 # --------------------------------------------------------------------------------------
 # optimizer and schedule
 # --------------------------------------------------------------------------------------
+def layer_of(name: str, n_layers: int) -> int:
+    """Depth of a parameter in the stack, for layer-wise learning rates: 0 for the
+    embeddings, i + 1 for transformer block i, n_layers + 1 for everything above the body
+    (final norm, pooler, heads)."""
+    if name.startswith("transformer.embeddings."):
+        return 0
+    if name.startswith("transformer.blocks."):
+        return int(name.split(".")[2]) + 1
+    return n_layers + 1
+
+
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-                   device: torch.device) -> torch.optim.AdamW:
+                   device: torch.device, layer_lr_decay: float = 1.0) -> torch.optim.AdamW:
     """AdamW; weight decay only on matrices that multiply activations.
 
     Norm gains, biases and embedding tables (including a tied output matrix, which is
     the embedding) are not decayed: shrinking them toward 0 has no regularising meaning.
+
+    layer_lr_decay = γ < 1 gives each parameter group a learning-rate scale (the
+    "lr_scale" key; the loop sets lr · lr_scale every step)
+
+        lr_scale = γ^(L + 1 − depth)        depth = layer_of(name, L), L = n_layers
+
+    so the head learns at the full rate, the top block at γ·lr, the embeddings at γ^(L+1)·lr.
+    Finetuning with few labels then changes the general features of the lower layers
+    less than the task-specific top (ULMFiT's discriminative finetuning; ELECTRA uses 0.8).
     """
     embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay = [], []
-    for p in model.parameters():
+    n_layers = model.config.n_layers if hasattr(model, "config") else 0
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.dim() >= 2 and id(p) not in embedding_params else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decayed = p.dim() >= 2 and id(p) not in embedding_params
+        scale = layer_lr_decay ** (n_layers + 1 - layer_of(name, n_layers)) if layer_lr_decay != 1.0 else 1.0
+        groups.setdefault((decayed, scale), []).append(p)
+    param_groups = [{"params": params, "weight_decay": weight_decay if decayed else 0.0, "lr_scale": scale}
+                    for (decayed, scale), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], -kv[0][1]))]
     # fused: one kernel for all parameters (CUDA, and CPU since torch 2.4)
     fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, fused=fused)
 
 
 def lr_at(step: int, progress: float, max_lr: float, warmup_steps: int, schedule: str,
@@ -196,6 +220,7 @@ class LoopConfig:
     best_metric: str = "val_loss"
     best_mode: str = "min"            # min | max
     patience: int = 0                 # early stopping after this many evals without improvement
+    layer_lr_decay: float = 1.0       # < 1: lower layers learn slower (make_optimizer)
     compile: bool = False
     progress: bool = True
 
@@ -204,6 +229,8 @@ class LoopConfig:
             raise MinilmError("no training budget: give --max-steps, --max-tokens or --time-budget")
         if self.grad_accum < 1:
             raise MinilmError("--grad-accum must be >= 1")
+        if not 0 < self.layer_lr_decay <= 1:
+            raise MinilmError(f"--layer-lr-decay must be in (0, 1], got {self.layer_lr_decay}")
 
 
 def format_metric(name: str, value: float) -> str:
@@ -227,7 +254,8 @@ class Trainer:
         (periodic evaluations may use a cheaper subset)."""
         self.model, self.get_batch, self.loop, self.run_dir = model, get_batch, loop, Path(run_dir)
         self.device, self.dtype, self.evaluate_fn = device, dtype, evaluate
-        self.optimizer = make_optimizer(model, loop.lr, loop.weight_decay, (loop.beta1, loop.beta2), device)
+        self.optimizer = make_optimizer(model, loop.lr, loop.weight_decay, (loop.beta1, loop.beta2), device,
+                                        loop.layer_lr_decay)
         # fp16 has too few exponent bits for small gradients: scale the loss up, unscale before the step
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         self.step_model = torch.compile(model) if loop.compile else model
@@ -282,7 +310,7 @@ class Trainer:
         loop, model = self.loop, self.step_model
         lr = lr_at(self.step, self.progress(), loop.lr, loop.warmup_steps, loop.schedule, loop.min_lr_ratio)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         model.train()
         total_loss = 0.0
         for micro in range(loop.grad_accum):

@@ -349,6 +349,49 @@ def test_freeze_embeddings_keeps_them_as_pretrained(task, pretrained_run, tmp_pa
     assert not torch.equal(tuned[name], pretrained[name])      # the rest of the body learns
 
 
+def test_token_mask_corrupts_only_training_text_tokens(task, pretrained_run, tmp_path, monkeypatch):
+    """--token-mask: training batches have text tokens replaced (mostly by [MASK]); [CLS], [SEP],
+    padding and every evaluation batch stay as encoded; --layer-lr-decay reaches the optimizer."""
+    from minilm.model import SequenceClassifier
+    from tokenizer import Tokenizer
+
+    tok = Tokenizer.load(pretrained_run / "tokenizer")
+    seen = {"train": [], "eval": []}
+    forward = SequenceClassifier.forward
+
+    def spy(self, input_ids, attention_mask=None, **kw):
+        seen["train" if self.training else "eval"].append((input_ids.clone(), attention_mask.clone()))
+        return forward(self, input_ids, attention_mask, **kw)
+
+    monkeypatch.setattr(SequenceClassifier, "forward", spy)
+    train_csv, val_csv = task
+    out = tmp_path / "run"
+    assert finetune.main(["--init", str(pretrained_run), "--data", str(train_csv), "--val", str(val_csv),
+                          "--out", str(out), "--max-steps", "6", "--token-mask", "0.5", "--layer-lr-decay", "0.7",
+                          *QUICK]) == 0
+    config = json.loads((out / "train_config.json").read_text())
+    assert config["token_mask"] == 0.5 and config["loop"]["layer_lr_decay"] == 0.7
+    train_ids = torch.cat([ids.flatten() for ids, _ in seen["train"]])
+    train_mask = torch.cat([m.flatten() for _, m in seen["train"]])
+    text = ~torch.isin(train_ids, torch.tensor(sorted(tok.special_ids))) & train_mask.bool()
+    masked = (train_ids == tok.mask_id).sum().item()
+    n_text = text.sum().item() + masked
+    assert 0.25 < masked / n_text < 0.55                       # ~0.5 · 0.8 of the text tokens
+    for ids, mask in seen["train"]:
+        assert (ids[:, 0] == tok.cls_id).all()                   # specials untouched
+        assert (ids[mask == 0] == tok.pad_id).all()              # padding untouched
+        lengths = mask.sum(1)
+        assert (ids[torch.arange(len(ids)), lengths - 1] == tok.sep_id).all()
+    assert seen["eval"] and all((ids != tok.mask_id).all() for ids, _ in seen["eval"])
+
+
+def test_token_mask_share_is_checked(task, tmp_path):
+    train_csv, val_csv = task
+    with pytest.raises(MinilmError, match="token-mask"):
+        finetune.main(["--data", str(train_csv), "--val", str(val_csv), "--out", str(tmp_path / "a"),
+                       "--token-mask", "1.0", "--max-steps", "1", "--vocab-size", "400", *QUICK])
+
+
 def test_finetune_from_an_electra_run_keeps_the_discriminator(task, tmp_path):
     """An rtd run holds a generator and a discriminator; finetuning takes the discriminator."""
     train_csv, val_csv = task

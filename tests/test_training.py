@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from minilm import CausalLM, preset
 from minilm.errors import MinilmError
-from minilm.training import LoopConfig, Trainer, lr_at, make_optimizer, resolve_dtype
+from minilm.training import LoopConfig, Trainer, layer_of, lr_at, make_optimizer, resolve_dtype
 
 
 def tiny_model(seed: int = 0) -> CausalLM:
@@ -41,6 +41,37 @@ def test_no_weight_decay_on_norms_biases_embeddings():
     for name, p in model.named_parameters():
         should = p.dim() >= 2 and "embeddings" not in name
         assert (id(p) in decayed) == should, name
+
+
+def test_layer_wise_learning_rates(tmp_path):
+    """γ = 0.5 on 4 blocks: embeddings lr·γ⁵, block 0 lr·γ⁴ … block 3 lr·γ, final norm (and head) lr;
+    the weight-decay split is the same as without it, and the loop applies lr · lr_scale."""
+    model = tiny_model()
+    n = model.config.n_layers
+    opt = make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), torch.device("cpu"), layer_lr_decay=0.5)
+    group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
+    expected_scale = {"transformer.embeddings.tokens.weight": 1 / 32, "transformer.blocks.0.mlp.fc_in.weight": 1 / 16,
+                      "transformer.blocks.3.attn.qkv.weight": 0.5, "transformer.final_norm.weight": 1.0}
+    names = dict(model.named_parameters())
+    assert set(expected_scale) <= set(names)
+    for name, scale in expected_scale.items():
+        assert group_of[id(names[name])]["lr_scale"] == scale, name
+    for name, p in model.named_parameters():
+        g = group_of[id(p)]
+        assert g["lr_scale"] == 0.5 ** (n + 1 - layer_of(name, n))
+        assert (g["weight_decay"] > 0) == (p.dim() >= 2 and "embeddings" not in name), name
+    assert len(group_of) == len(names) and sum(len(g["params"]) for g in opt.param_groups) == len(names)
+    # without decay: the two groups as before, scale 1
+    plain = make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), torch.device("cpu"))
+    assert [g["lr_scale"] for g in plain.param_groups] == [1.0, 1.0]
+
+    loop = LoopConfig(lr=1e-2, warmup_steps=0, schedule="constant", max_steps=1, progress=False, layer_lr_decay=0.5)
+    trainer = Trainer(tiny_model(), get_batch, loop, tmp_path, torch.device("cpu"), torch.float32)
+    trainer.train_step()
+    assert sorted({g["lr"] for g in trainer.optimizer.param_groups}) == [1e-2 * 0.5 ** k for k in range(5, -1, -1)]
+    for bad in (0.0, 1.5):
+        with pytest.raises(MinilmError, match="layer-lr-decay"):
+            LoopConfig(max_steps=1, layer_lr_decay=bad)
 
 
 def test_needs_a_budget():

@@ -1,6 +1,6 @@
 """SST-2 sentiment: what does pretraining buy? Every measurement of the issue, in one script.
 
-    python benchmarks/sst2.py ../shared/data/sst2                 # the full run (~45 min on a 2-core CPU)
+    python benchmarks/sst2.py ../shared/data/sst2                 # the full run (~65 min on a 2-core CPU)
     python benchmarks/sst2.py ../shared/data/sst2 --smoke         # every stage on a tiny subset, ~2 min
     python benchmarks/sst2.py ../shared/data/sst2 --out runs/sst2 # rerun: finished stages are reused
 

@@ -406,8 +406,9 @@ def run(cfg: FinetuneConfig) -> dict:
         batch["labels"] = y_train[torch.from_numpy(indices)]
         if cfg.token_mask:
             # a fresh corruption every step, from the global RNG the resume state saves
-            batch["input_ids"], _ = mask_tokens(batch["input_ids"], vocab_size=len(encoder), mask_id=encoder.mask_id,
-                                                special_ids=encoder.special_ids,
+            # (random replacements only from ids the embedding table has: a tokenizer may list more)
+            batch["input_ids"], _ = mask_tokens(batch["input_ids"], vocab_size=min(len(encoder), model.config.vocab_size),
+                                                mask_id=encoder.mask_id, special_ids=encoder.special_ids,
                                                 attention_mask=batch["attention_mask"], mask_prob=cfg.token_mask)
         if weights is not None:
             batch["class_weights"] = weights

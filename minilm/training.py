@@ -167,10 +167,12 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tupl
         if not p.requires_grad:
             continue
         decayed = p.dim() >= 2 and id(p) not in embedding_params
-        scale = layer_lr_decay ** (n_layers + 1 - layer_of(name, n_layers)) if layer_lr_decay != 1.0 else 1.0
+        scale = layer_lr_decay ** (n_layers + 1 - layer_of(name, n_layers))
         groups.setdefault((decayed, scale), []).append(p)
-    param_groups = [{"params": params, "weight_decay": weight_decay if decayed else 0.0, "lr_scale": scale}
-                    for (decayed, scale), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], -kv[0][1]))]
+    # a fixed group order (decayed first, then by falling lr) so a saved optimizer state fits
+    order = sorted(groups, key=lambda key: (not key[0], -key[1]))
+    param_groups = [{"params": groups[decayed, scale], "weight_decay": weight_decay if decayed else 0.0,
+                     "lr_scale": scale} for decayed, scale in order]
     # fused: one kernel for all parameters (CUDA, and CPU since torch 2.4)
     fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(param_groups, lr=lr, betas=betas, fused=fused)
@@ -310,7 +312,7 @@ class Trainer:
         loop, model = self.loop, self.step_model
         lr = lr_at(self.step, self.progress(), loop.lr, loop.warmup_steps, loop.schedule, loop.min_lr_ratio)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+            group["lr"] = lr * group.get("lr_scale", 1.0)      # no lr_scale in states saved before it existed
         model.train()
         total_loss = 0.0
         for micro in range(loop.grad_accum):

@@ -51,7 +51,8 @@ def test_manual_and_sdpa_agree(B, nkv, rep, T, hs, causal, padded, fully_padded,
     assert torch.isfinite(out_m).all() and torch.isfinite(out_s).all()
     assert (out_m - out_s).abs().max() <= TOL
     for g_m, g_s in zip(grads_m, grads_s):
-        assert torch.isfinite(g_m).all() and (g_m - g_s).abs().max() <= TOL
+        # gradients reach |g| ~ 30: float32 rounding scales with them, so does the tolerance
+        assert torch.isfinite(g_m).all() and (g_m - g_s).abs().max() <= TOL * max(1.0, g_s.abs().max().item())
 
 
 def test_is_causal_flag_equals_explicit_mask():

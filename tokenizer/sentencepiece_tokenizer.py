@@ -423,7 +423,18 @@ class Tokenizer:
         # in one batched call, then glue parts back with the byte pieces for "▁".
         parts_per_text = [t.split(_SPACE_SYMBOL) for t in texts]
         flat = [p for parts in parts_per_text for p in parts]
-        encoded = self._sp.encode(flat, out_type=int, num_threads=-1)  # -1: all cores
+        try:
+            encoded = self._sp.encode(flat, out_type=int, num_threads=-1)  # -1: all cores
+        except TypeError:
+            # SentencePiece's message for a str that is not valid Unicode (a lone surrogate,
+            # e.g. from errors="surrogateescape") is "List elements must be str or bytes"
+            for i, t in enumerate(texts):
+                try:
+                    t.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise ValueError(f"texts[{i}] is not valid Unicode: {t[e.start]!r} at position {e.start} "
+                                     "(a lone surrogate); decode the source with errors='replace'") from e
+            raise
         out: list[list[int]] = []
         k = 0
         for parts in parts_per_text:

@@ -1,0 +1,56 @@
+"""benchmarks/sst2.py's results table: one row per (model, training set), mean ± sample sd over seeds.
+(The benchmark itself needs ../shared/data, which no test may; its table logic needs nothing.)"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "sst2.py"
+
+
+@pytest.fixture(scope="module")
+def sst2():
+    spec = importlib.util.spec_from_file_location("sst2_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(kind: str, train_set: str, seed: int, accuracy: float) -> dict:
+    return {"kind": kind, "train_set": train_set, "seed": seed, "val_accuracy": accuracy, "val_macro_f1": accuracy - 0.01,
+            "steps": 100, "epochs": 2.0}
+
+
+def test_table_rows_means_and_spreads(sst2):
+    args = sst2.parse_args(["data"])
+    results = {"times": {"pretrain": 1218.0, "pretrained-few-seed0": 40.0, "pretrained-few-seed1": 44.0},
+               "tfidf": {"val_accuracy": 0.786, "train_rows": 60904, "seconds": 1.0},
+               "pretrain": {"val_mlm_acc": 0.315},
+               "pretrained-few-seed0": run("pretrained", "few", 0, 0.70),
+               "pretrained-few-seed1": run("pretrained", "few", 1, 0.74),
+               "scratch-few-seed0": run("scratch", "few", 0, 0.64),
+               "scratch-own-few-seed0": run("scratch-own", "few", 0, 0.66),
+               "pretrained-all-seed0": run("pretrained", "all", 0, 0.79)}
+    lines = sst2.markdown_table(results, {"all": 60904, "few": 2000}, args).splitlines()
+    assert lines[2].startswith("| TF-IDF") and "78.6%" in lines[2]
+    body = lines[3:]
+    # order: pretrained (all, few), scratch, scratch with its own flags; one row each
+    assert [("2,000" in line, "own flags" in line) for line in body] == [
+        (False, False), (True, False), (True, False), (True, True)]
+    assert "MLM-pretrained for 20:18 (masked-token accuracy 31.5%)" in body[0]
+    # two seeds: mean ± sample standard deviation (0.028...) and each run; mean wall-clock "each"
+    assert "72.0% ± 2.8% (2 seeds: 70.0%, 74.0%)" in body[1] and "0:42 each" in body[1]
+    assert "| 64.0% |" in body[2]
+    assert args.scratch_few_args in body[3] and "| 66.0% |" in body[3]
+
+
+
+def test_many_seeds_give_ranges_not_lists(sst2):
+    results = {"times": {}, **{f"pretrained-few-seed{s}": {**run("pretrained", "few", s, 0.60 + 0.01 * s),
+                                                           "steps": 100 + 10 * s, "epochs": 2.0 + s}
+                               for s in range(8)}}
+    row = sst2.markdown_table(results, {"all": 10, "few": 5}, sst2.parse_args(["data"])).splitlines()[2]
+    assert "63.5% ± 2.4% (8 seeds) |" in row and "| 100–170 (2–9) |" in row

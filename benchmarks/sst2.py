@@ -20,7 +20,9 @@ Stages, each a real command line, timed wall-clock:
 
 It prints a markdown table (also written to OUT/results.md, raw numbers to OUT/results.json).
 Each finetune run stops at --finetune-epochs or --finetune-budget seconds of training,
-whichever comes first, and is scored with its best checkpoint by validation accuracy.
+whichever comes first, and is scored with its best checkpoint by validation accuracy;
+the table also gives the final checkpoint's score, since the best one is chosen on the
+same validation sentences it is scored on.
 The output of every command is shown and kept in OUT/logs/.
 """
 

@@ -320,14 +320,14 @@ def markdown_table(results: dict, rows: dict, args: argparse.Namespace) -> str:
             model = "all-MiniLM-L6-v2" if kind == "hf" else (args.preset if not args.smoke else "bert-tiny")
             acc, f1 = (statistics.fmean(r[key] for _, r in runs) for key in ("val_accuracy", "val_macro_f1"))
             # mean ± sample standard deviation; each run's score and steps while they fit a cell
-            few_runs = len(runs) <= 5
+            list_each = len(runs) <= 5
             if len(runs) > 1:
                 spread = statistics.stdev(r["val_accuracy"] for _, r in runs)
-                each = ": " + ", ".join(f"{r['val_accuracy']:.1%}" for _, r in runs) if few_runs else ""
+                each = ": " + ", ".join(f"{r['val_accuracy']:.1%}" for _, r in runs) if list_each else ""
                 accuracy = f"{acc:.1%} ± {spread:.1%} ({len(runs)} seeds{each})"
             else:
                 accuracy = f"{acc:.1%}"
-            if few_runs:
+            if list_each:
                 steps = "; ".join(f"{r['steps']} ({r['epochs']:g})" for _, r in runs)
             else:
                 ordered = sorted((r["steps"], r["epochs"]) for _, r in runs)

@@ -48,7 +48,6 @@ def test_table_rows_means_and_spreads(sst2):
     assert args.scratch_few_args in body[3] and "| 66.0% |" in body[3]
 
 
-
 def test_many_seeds_give_ranges_not_lists(sst2):
     results = {"times": {}, **{f"pretrained-few-seed{s}": {**run("pretrained", "few", s, 0.60 + 0.01 * s),
                                                            "steps": 100 + 10 * s, "epochs": 2.0 + s}

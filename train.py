@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None) -> PretrainConfig:
     a.add_argument("--dropout", type=float, default=0.0)
     a.add_argument("--attention", choices=["sdpa", "manual"], default="sdpa")
     a.add_argument("--mask-prob", type=float, default=0.15, help="MLM and RTD: share of tokens to mask")
+    a.add_argument("--whole-word-mask", action="store_true", help="MLM and RTD: mask all the pieces of a "
+                   "chosen word together (BERT's whole-word masking) instead of pieces independently")
     a.add_argument("--generator-layers", type=int, default=1, help="RTD: blocks of the generator (same width, "
                    "shared embeddings)")
     a = p.add_argument_group("optimisation")
@@ -89,7 +91,7 @@ def parse_args(argv: list[str] | None) -> PretrainConfig:
         dropout=args.dropout,
         attention=args.attention, seq_len=args.seq_len, batch_size=args.batch_size, vocab_size=args.vocab_size,
         tokenizer_type=args.tokenizer_type, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
-        split=args.split, text_field=args.text_field, mask_prob=args.mask_prob,
+        split=args.split, text_field=args.text_field, mask_prob=args.mask_prob, whole_word_mask=args.whole_word_mask,
         generator_layers=args.generator_layers, eval_tokens=args.eval_tokens,
         cache_dir=args.cache_dir, device=args.device, dtype=args.dtype, seed=args.seed, resume=args.resume,
         loop=loop)

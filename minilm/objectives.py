@@ -49,6 +49,7 @@ def mask_tokens(
     special_ids: Iterable[int],
     attention_mask: torch.Tensor | None = None,
     mask_prob: float = MASK_PROB,
+    word_starts: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT dynamic masking: choose targets, corrupt the input, return (inputs, labels).
@@ -60,6 +61,12 @@ def mask_tokens(
        is given, the mask is 1 there. Special tokens and padding are never chosen.
     2. Each maskable position is *chosen* with probability `mask_prob` (0.15), an
        independent Bernoulli draw, so about 15% of the maskable positions are chosen.
+       Whole-word masking (`word_starts` given): the draw is made once per word and
+       every piece of a chosen word is chosen, so "▁un" "believ" "able" is never
+       half-masked and the model cannot fill in a word from its own other pieces.
+       A word is a word-start token and the non-start tokens after it (a document's
+       first word, which no space precedes, joins the [CLS] or [SEP] before it, which
+       itself is never chosen).
     3. A chosen position's input becomes
          [MASK]                      with probability 0.8,
          a uniformly random token    with probability 0.1 (drawn from the non-special ids),
@@ -77,7 +84,9 @@ def mask_tokens(
         mask_id: the id of [MASK].
         special_ids: ids that are never chosen and never drawn as random replacements.
         attention_mask: optional (B, T), 1 for real tokens and 0 for padding.
-        mask_prob: probability of choosing a maskable position.
+        mask_prob: probability of choosing a maskable position (a word, with word_starts).
+        word_starts: optional bool (V,), True for the ids that begin a word (a SentencePiece
+            piece starting with "▁", and the special tokens): whole-word masking.
         generator: optional torch.Generator (on input_ids' device) for reproducibility.
 
     Returns:
@@ -91,8 +100,12 @@ def mask_tokens(
     if attention_mask is not None:
         maskable &= attention_mask.bool()
 
-    # Step 2: choose targets. One uniform draw per position decides "chosen".
-    chosen = (torch.rand(input_ids.shape, generator=generator, device=device) < mask_prob) & maskable
+    # Step 2: choose targets. One uniform draw per position (or per word) decides "chosen".
+    if word_starts is None:
+        chosen = torch.rand(input_ids.shape, generator=generator, device=device) < mask_prob
+    else:
+        chosen = choose_whole_words(input_ids, word_starts.to(device), mask_prob, generator)
+    chosen &= maskable
     labels = torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
 
     # Step 3: a second, independent uniform draw splits the chosen positions 80/10/10.
@@ -112,6 +125,21 @@ def mask_tokens(
     masked[to_mask_token] = mask_id
     masked[to_random_token] = random_tokens[to_random_token]
     return masked, labels
+
+
+def choose_whole_words(input_ids: torch.Tensor, word_starts: torch.Tensor, mask_prob: float,
+                       generator: torch.Generator | None) -> torch.Tensor:
+    """(B, T) bool: each word chosen with probability mask_prob, all its pieces with it.
+
+    Numbering the words of the whole batch in reading order, word[b, t] is the number of
+    word starts at or before (b, t), so every piece gets the number of the word it
+    continues; the first position of each row starts a word, so no word spans two rows.
+    """
+    starts = word_starts[input_ids]                              # (B, T) bool
+    starts[:, 0] = True
+    word = starts.flatten().cumsum(0).view_as(input_ids) - 1     # (B, T) word number
+    draw = torch.rand(int(word[-1, -1]) + 1, generator=generator, device=input_ids.device)
+    return draw[word] < mask_prob
 
 
 def replace_with_samples(input_ids: torch.Tensor, labels: torch.Tensor, generator_logits: torch.Tensor,

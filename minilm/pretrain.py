@@ -60,6 +60,7 @@ class PretrainConfig:
     split: str = "doc"
     text_field: str = "text"
     mask_prob: float = 0.15
+    whole_word_mask: bool = False   # mlm/rtd: mask every piece of a chosen word together
     generator_layers: int = 1       # rtd (ELECTRA): the generator's blocks
     eval_tokens: int = 65_536       # periodic evals score this many tokens; the final one all
     cache_dir: str | None = None
@@ -156,11 +157,13 @@ def clm_evaluate(cfg: PretrainConfig, prepared: data.PreparedData, tok: Tokenize
 def mlm_masker(cfg: PretrainConfig, tok: Tokenizer, seed: int):
     """Dynamic masking whose randomness depends only on (seed, batch index): resumable."""
 
+    word_starts = torch.tensor(tok.word_starts()) if cfg.whole_word_mask else None
+
     def mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, i: int) -> dict[str, torch.Tensor]:
         gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
         masked, labels = mask_tokens(input_ids, vocab_size=len(tok), mask_id=tok.mask_id,
                                      special_ids=tok.special_ids, attention_mask=attention_mask,
-                                     mask_prob=cfg.mask_prob, generator=gen)
+                                     mask_prob=cfg.mask_prob, word_starts=word_starts, generator=gen)
         return {"input_ids": masked, "attention_mask": attention_mask, "labels": labels}
 
     return mask

@@ -8,7 +8,7 @@ import platform
 import pytest
 import torch
 
-from minilm.objectives import (IGNORE_INDEX, bits_per_char, mask_tokens, matmul_t, perplexity,
+from minilm.objectives import (IGNORE_INDEX, bits_per_char, choose_whole_words, mask_tokens, matmul_t, perplexity,
                                replace_with_samples, shift_for_clm, summed_nll)
 
 VOCAB = 1000
@@ -90,6 +90,46 @@ def test_masking_is_reproducible_with_a_generator() -> None:
     first = run_masking(ids, attention, seed=5)
     second = run_masking(ids, attention, seed=5)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def word_start_table(seed: int = 0) -> torch.Tensor:
+    """A vocabulary where about a third of the ordinary ids continue a word."""
+    starts = torch.rand(VOCAB, generator=torch.Generator().manual_seed(seed)) > 0.35
+    starts[sorted(SPECIALS)] = True
+    return starts
+
+
+def test_whole_word_masking_chooses_every_piece_of_a_word_together() -> None:
+    ids, attention = make_batch(batch=64, length=256)
+    starts = word_start_table()
+    g = torch.Generator().manual_seed(3)
+    masked, labels = mask_tokens(ids, vocab_size=VOCAB, mask_id=MASK, special_ids=SPECIALS,
+                                 attention_mask=attention, word_starts=starts, generator=g)
+    chosen = labels != IGNORE_INDEX
+    maskable = (attention == 1) & (ids > 6)
+    # A piece that continues a word is chosen exactly when the piece before it is.
+    continues = ~starts[ids[:, 1:]] & maskable[:, 1:] & maskable[:, :-1]
+    assert continues.sum() > 1000
+    assert torch.equal(chosen[:, 1:][continues], chosen[:, :-1][continues])
+    # Words, not pieces, are chosen at mask_prob: count word starts among the chosen.
+    word_start = starts[ids] & maskable
+    share = int((chosen & word_start).sum()) / int(word_start.sum())
+    assert abs(share - 0.15) < 0.01
+    # Specials and padding still never chosen; labels still hold the originals.
+    assert not chosen[~maskable].any()
+    assert torch.equal(labels[chosen], ids[chosen])
+    assert torch.equal(masked[~chosen], ids[~chosen])
+
+
+def test_whole_words_never_span_two_rows() -> None:
+    """A row that opens with a continuation piece starts a word of its own: the draw for
+    the last word of the row above must not decide it."""
+    starts = torch.tensor([True] * 7 + [True, False])         # id 8 continues a word
+    ids = torch.tensor([[7, 8, 8], [8, 8, 7]])
+    hits = torch.stack([choose_whole_words(ids, starts, 0.5, torch.Generator().manual_seed(s))
+                        for s in range(200)])                 # (200, 2, 3)
+    assert (hits[:, 0, 0] == hits[:, 0, 2]).all() and (hits[:, 1, 0] == hits[:, 1, 1]).all()
+    assert (hits[:, 0, 0] != hits[:, 1, 0]).any()              # the two rows' first words are drawn apart
 
 
 def test_shift_for_clm_targets_the_next_real_token() -> None:

@@ -63,6 +63,17 @@ def tok(toks) -> Tokenizer:
 # ------------------------------------------------------------ special tokens
 
 
+def test_word_starts_mark_the_pieces_that_open_a_word(toks):
+    for t in toks.values():
+        starts = t.word_starts()
+        assert len(starts) == len(t) and all(starts[i] for i in t.special_ids)
+        # No space precedes a text's first word, so no "▁" opens it: in a packed sequence
+        # the [CLS] or [SEP] before it does. Every later word opens with one start piece.
+        ids = [t.cls_id] + t.encode("unbelievably wonderful characters")
+        assert [i for i in ids if starts[i]][0] == t.cls_id and sum(starts[i] for i in ids) == 3
+        assert all(starts[i] == t.id_to_piece(i).startswith("\u2581") for i in ids[1:])
+
+
 def test_special_tokens_have_fixed_ids(toks):
     assert SPECIAL_TOKENS == ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<s>", "</s>")
     for t in toks.values():

@@ -58,6 +58,18 @@ def test_tiny_run_leaves_a_complete_run_directory(corpus, tmp_path, objective, c
         assert capsys.readouterr().out.splitlines()[-1].startswith("best: the ")
 
 
+def test_whole_word_mask_flag_reaches_the_masking(corpus, tmp_path):
+    """--whole-word-mask is saved in train_config.json and changes the masks (the loss of
+    the same first step differs from the piece-by-piece run's)."""
+    losses = {}
+    for flag in ([], ["--whole-word-mask"]):
+        out = tmp_path / ("wwm" if flag else "pieces")
+        assert train.main(tiny_args(corpus, out, "mlm", "--max-steps", "2", *flag)) == 0
+        assert json.loads((out / "train_config.json").read_text())["whole_word_mask"] == bool(flag)
+        losses[bool(flag)] = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    assert losses[True] != losses[False]
+
+
 def test_shape_flags_change_the_preset(corpus, tmp_path):
     """--norm-position pre turns BERT's post-LN into a pre-LN encoder; the llama-tiny shape
     (RoPE, SwiGLU, RMSNorm) with --objective mlm becomes a bidirectional encoder."""

@@ -402,6 +402,12 @@ class Tokenizer:
         """Ids of all special tokens, {0, ..., 6}."""
         return set(self._special_ids)
 
+    def word_starts(self) -> list[bool]:
+        """For each id, whether its piece begins a word: it starts with "▁" (SentencePiece's
+        mark for a preceding space) or is a special token. Whole-word masking groups a
+        word-start piece with the pieces that follow it."""
+        return [i in self._special_ids or self.id_to_piece(i).startswith("\u2581") for i in range(len(self))]
+
     def __repr__(self) -> str:
         return f"Tokenizer(model_type={self.model_type!r}, vocab_size={self.vocab_size})"
 

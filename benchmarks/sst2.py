@@ -3,6 +3,8 @@
     python benchmarks/sst2.py ../shared/data/sst2                 # the full run (~70 min on a 2-core CPU)
     python benchmarks/sst2.py ../shared/data/sst2 --smoke         # every stage on a tiny subset, ~2 min
     python benchmarks/sst2.py ../shared/data/sst2 --out runs/sst2 # rerun: finished stages are reused
+    python benchmarks/sst2.py ../shared/data/sst2 --pretrain-seeds 3 --all-seeds 1 --few-seeds 5
+                                                                  # how much rides on the pretraining draw
 
 Stages, each a real command line, timed wall-clock:
 
@@ -12,6 +14,7 @@ Stages, each a real command line, timed wall-clock:
                accuracy on val.tsv (scikit-learn; the reference says 78.6%)
   3. pretrain  train.py --objective mlm (or rtd: ELECTRA) on the *text* of the split's training rows (unique
                rows; the validation sentences are never seen) + the WordNet glosses
+               (--pretrain-seeds N: N runs of the same recipe, seeds seed .. seed+N-1)
   4. finetune  finetune.py --init PRETRAINED on train.tsv and on train_2000.tsv, and the same
                architecture with --init scratch (random weights, the pretrained tokenizer) on both, with
                the same flags; and scratch once more on train_2000.tsv with its own best flags
@@ -64,6 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "[%(default)s]")
     p.add_argument("--finetune-epochs", type=float, default=3, help="epochs on all training rows [%(default)s]")
     p.add_argument("--few-epochs", type=float, default=20, help="epochs on the few-label file [%(default)s]")
+    p.add_argument("--pretrain-seeds", type=int, default=1, help="pretraining runs of the same recipe (seeds "
+                   "--seed, --seed+1, ...), each finetuned like the first; the pretrained rows pool them and "
+                   "give each run's mean: two runs can transfer 2-3 points apart [%(default)s]")
     p.add_argument("--all-seeds", type=int, default=3, help="finetuning runs (seeds) per model on all rows; the "
                    "table gives their mean and spread [%(default)s]")
     p.add_argument("--few-seeds", type=int, default=5, help="finetuning runs (seeds) per model on the few-label "
@@ -230,21 +236,25 @@ def main(argv: list[str] | None = None) -> int:
         save()
 
     smoke = args.smoke
+    # the first pretraining run is "pretrain"; further seeds (--pretrain-seeds) "pretrain-seed{s}"
+    pretrain_names = {s: "pretrain" if s == args.seed else f"pretrain-seed{s}"
+                      for s in range(args.seed, args.seed + args.pretrain_seeds)}
     pre_dir = out / "pretrain"
     if "pretrain" in stages or "finetune" in stages:
         corpus = out / "pretrain_corpus.jsonl"
-        if not pre_dir.joinpath("summary.json").is_file():
+        if not all((out / name / "summary.json").is_file() for name in pretrain_names.values()):
             pretraining_corpus(split_dir, Path(args.glosses), corpus, smoke)
         budget = ["--max-steps", "20"] if smoke else ["--time-budget", str(args.pretrain_budget)]
         shape = ["--preset", "bert-tiny", "--vocab-size", "1000", "--seq-len", "64"] if smoke else \
             ["--preset", args.preset, "--vocab-size", str(args.vocab_size), "--seq-len", str(args.seq_len)]
-        cmd = [sys.executable, "train.py", "--data", str(corpus), "--objective", args.objective, *shape, *budget,
-               "--out", str(pre_dir), "--cache-dir", str(out / "cache"), "--no-progress", "--seed", str(args.seed),
-               *shlex.split(args.pretrain_args)]
-        results["pretrain"] = reuse_or_run("pretrain", pre_dir, cmd, logs, times)
-        save()
+        for pretrain_seed, name in pretrain_names.items():
+            cmd = [sys.executable, "train.py", "--data", str(corpus), "--objective", args.objective, *shape,
+                   *budget, "--out", str(out / name), "--cache-dir", str(out / "cache"), "--no-progress",
+                   "--seed", str(pretrain_seed), *shlex.split(args.pretrain_args)]
+            results[name] = reuse_or_run(name, out / name, cmd, logs, times)
+            save()
 
-    def finetune(kind: str, init: str, train_set: str, extra: list[str]) -> None:
+    def finetune(kind: str, init: str, train_set: str, extra: list[str], pretrain_seed: int | None = None) -> None:
         """--all-seeds runs on all rows, --few-seeds on the few-label file (seeds seed, seed+1, ...):
         the 500-sentence validation score moves by a few points from seed to seed. Runs on all rows
         go the full --finetune-epochs, few-label runs stop early (--patience)."""
@@ -255,13 +265,16 @@ def main(argv: list[str] | None = None) -> int:
         # the Hugging Face model on all rows: one early-stopped run (22M parameters, minutes each)
         n_seeds = 1 if smoke or (train_set == "all" and kind == "hf") else \
             args.all_seeds if train_set == "all" else args.few_seeds
+        # runs on a further pretraining run are named pretrained-p{s}-...
+        prefix = kind if pretrain_seed in (None, args.seed) else f"{kind}-p{pretrain_seed}"
         for seed in range(args.seed, args.seed + n_seeds):
-            name = f"{kind}-{train_set}-seed{seed}"
+            name = f"{prefix}-{train_set}-seed{seed}"
             cmd = [sys.executable, "finetune.py", "--init", init, "--data", str(train_sets[train_set]),
                    "--val", str(val_tsv), "--out", str(out / name), "--no-progress", "--seed", str(seed),
                    *budget, *extra, *shlex.split(args.finetune_args)]
             results[name] = {**reuse_or_run(name, out / name, cmd, logs, times), "train_set": train_set,
-                             "kind": kind, "seed": seed}
+                             "kind": kind, "seed": seed,
+                             **({} if pretrain_seed is None else {"pretrain_seed": pretrain_seed})}
             save()
 
     if "finetune" in stages:
@@ -269,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         shape = ["--like", str(pre_dir), "--max-length", str(min(128, architecture["max_seq_len"]))]
         ours = shlex.split(args.minilm_finetune_args)
         for train_set in ("all", "few"):
-            finetune("pretrained", str(pre_dir), train_set, ours)
+            for pretrain_seed, name in pretrain_names.items():
+                finetune("pretrained", str(out / name), train_set, ours, pretrain_seed)
             finetune("scratch", "scratch", train_set, shape + ours)
         if args.scratch_few_args:
             finetune("scratch-own", "scratch", "few", shape + shlex.split(args.scratch_few_args))
@@ -321,10 +335,17 @@ def markdown_table(results: dict, rows: dict, args: argparse.Namespace) -> str:
             acc, f1 = (statistics.fmean(r[key] for _, r in runs) for key in ("val_accuracy", "val_macro_f1"))
             # mean ± sample standard deviation; each run's score and steps while they fit a cell
             list_each = len(runs) <= 5
+            by_pretraining: dict[int, list[float]] = {}     # several pretraining runs: each one's mean too
+            for _, r in runs:
+                by_pretraining.setdefault(r.get("pretrain_seed", args.seed), []).append(r["val_accuracy"])
             if len(runs) > 1:
                 spread = statistics.stdev(r["val_accuracy"] for _, r in runs)
                 each = ": " + ", ".join(f"{r['val_accuracy']:.1%}" for _, r in runs) if list_each else ""
-                accuracy = f"{acc:.1%} ± {spread:.1%} ({len(runs)} seeds{each})"
+                counted = "runs" if len(by_pretraining) > 1 else "seeds"
+                accuracy = f"{acc:.1%} ± {spread:.1%} ({len(runs)} {counted}{each})"
+                if len(by_pretraining) > 1:
+                    accuracy += "; per pretraining seed " + ", ".join(
+                        f"{s}: {statistics.fmean(a):.1%}" for s, a in sorted(by_pretraining.items()))
             else:
                 accuracy = f"{acc:.1%}"
             if list_each:

@@ -54,3 +54,19 @@ def test_many_seeds_give_ranges_not_lists(sst2):
                                for s in range(8)}}
     row = sst2.markdown_table(results, {"all": 10, "few": 5}, sst2.parse_args(["data"])).splitlines()[2]
     assert "63.5% ± 2.4% (8 seeds) |" in row and "| 100–170 (2–9) |" in row
+
+
+def test_several_pretraining_runs_pool_into_one_row_with_each_runs_mean(sst2):
+    """--pretrain-seeds 2: finetunes on the second pretraining run carry pretrain_seed; the
+    pretrained row pools both runs and gives each one's mean (old results have no field)."""
+    args = sst2.parse_args(["data", "--pretrain-seeds", "2"])
+    results = {"times": {},
+               "pretrained-few-seed0": run("pretrained", "few", 0, 0.72),
+               "pretrained-few-seed1": run("pretrained", "few", 1, 0.74),
+               "pretrained-p1-few-seed0": {**run("pretrained", "few", 0, 0.68), "pretrain_seed": 1},
+               "pretrained-p1-few-seed1": {**run("pretrained", "few", 1, 0.70), "pretrain_seed": 1},
+               "scratch-few-seed0": run("scratch", "few", 0, 0.66)}
+    body = sst2.markdown_table(results, {"all": 10, "few": 5}, args).splitlines()[2:]
+    assert len(body) == 2
+    assert "71.0% ± 2.6% (4 runs: 72.0%, 74.0%, 68.0%, 70.0%); per pretraining seed 0: 73.0%, 1: 69.0% |" in body[0]
+    assert "per pretraining" not in body[1] and "| 66.0% |" in body[1]

@@ -254,6 +254,8 @@ def prepare_run_dir(out: Path, resume: bool) -> None:
 def run(cfg: PretrainConfig) -> dict:
     if cfg.objective not in DEFAULT_PRESET:
         raise MinilmError(f"--objective {cfg.objective!r}: choose clm, mlm or rtd")
+    if cfg.whole_word_mask and cfg.objective == "clm":
+        raise MinilmError("--whole-word-mask is for --objective mlm or rtd: a causal LM masks nothing")
     out = Path(cfg.out)
     prepare_run_dir(out, cfg.resume)
     device, dtype = setup_device(cfg.device, cfg.dtype)

@@ -10,6 +10,7 @@ import train
 from minilm import sample
 from minilm.checkpoint import load_model_dir
 from minilm.cli import main_guard
+from minilm.errors import MinilmError
 
 WORDS = ("the cat dog sat ran on a mat log red blue big small quick slow bird fish tree "
          "house river hill sun moon star day night").split()
@@ -68,6 +69,9 @@ def test_whole_word_mask_flag_reaches_the_masking(corpus, tmp_path):
         assert json.loads((out / "train_config.json").read_text())["whole_word_mask"] == bool(flag)
         losses[bool(flag)] = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["loss"]
     assert losses[True] != losses[False]
+    with pytest.raises(MinilmError, match="whole-word-mask is for --objective mlm or rtd"):
+        train.main(tiny_args(corpus, tmp_path / "clm", "clm", "--max-steps", "2", "--whole-word-mask"))
+    assert not (tmp_path / "clm").exists()
 
 
 def test_shape_flags_change_the_preset(corpus, tmp_path):

@@ -135,6 +135,14 @@ class Embeddings(nn.Module):
         return self.dropout(x)
 
 
+@torch.compiler.disable
+def drop_full_mask(attention_mask: Tensor) -> Tensor | None:
+    """None when the mask keeps every position. A mask tensor only when needed: a square
+    causal mask without padding is done by the kernel itself (is_causal), which lets SDPA
+    pick FlashAttention. Data-dependent, so torch.compile breaks its graph here, as planned."""
+    return None if bool(attention_mask.all()) else attention_mask
+
+
 class Transformer(nn.Module):
     """The body shared by every head: token ids (B, T) -> hidden states (B, T, d)."""
 
@@ -176,10 +184,8 @@ class Transformer(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past, S, device=input_ids.device)[None]   # (1, T)
 
-        # A mask tensor only when needed: a square causal mask without padding is done by
-        # the kernel itself (is_causal), which lets SDPA pick FlashAttention.
-        if attention_mask is not None and bool(attention_mask.all()):
-            attention_mask = None
+        if attention_mask is not None:
+            attention_mask = drop_full_mask(attention_mask)
         square_causal = config.causal and attention_mask is None and past == 0
         keep = None if square_causal else build_keep_mask(attention_mask, T, S, config.causal and T > 1,
                                                            input_ids.device)
@@ -248,10 +254,14 @@ class PreTrained(nn.Module):
         return self.config.flops_per_token(seq_len)
 
 
+@torch.compiler.disable
 def selected_positions(selected: Tensor) -> tuple[Tensor, Tensor]:
     """(B, T) bool -> rows (B, M): each row's selected positions in increasing order, then
     other positions as filler up to M = the most any row has; real (B, M): which entries
-    are selected. h[real] of the (B, M) rows is then h_full[selected], in the same order."""
+    are selected. h[real] of the (B, M) rows is then h_full[selected], in the same order.
+
+    M depends on the data (a .item()), so torch.compile must break its graph here; disabling
+    it for this function makes that break a planned one instead of a dozen lines of warning."""
     counts = selected.sum(dim=1)                                                  # (B,)
     M = int(counts.max()) if selected.numel() else 0
     rows = selected.to(torch.uint8).argsort(dim=1, descending=True, stable=True)[:, :M]

@@ -332,7 +332,7 @@ def test_electra_save_and_load_keeps_the_sharing(tmp_path):
 def test_a_block_compiles_without_graph_breaks(name):
     """torch.compile sees a Block as one graph (torch._dynamo.explain), with a padding mask
     and RoPE where the shape has them. (Transformer.forward itself breaks once when given
-    an attention_mask: it asks whether the mask is all ones, to hand SDPA no mask at all.)"""
+    an attention_mask, in drop_full_mask: is the mask all ones, so SDPA can get no mask at all?)"""
     torch._dynamo.reset()
     config = tiny(name)
     model = SequenceClassifier(config).eval()
@@ -348,3 +348,19 @@ def test_a_block_compiles_without_graph_breaks(name):
     assert explained.graph_break_count == 0, explained.break_reasons
     explained = torch._dynamo.explain(model.transformer)(torch.randint(5, 61, (2, 12)))   # no mask: one graph
     assert explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_compiled_mlm_breaks_its_graph_only_where_planned(caplog):
+    """The data-dependent steps (is the mask all ones? how many masked rows?) sit in
+    functions torch.compile skips, so compiling gives eager's loss and logs no warning
+    (before, dynamo printed a dozen lines about Tensor.item() on every train.py --compile)."""
+    torch._dynamo.reset()
+    model = MaskedLM(tiny("llama-tiny"))
+    compiled = torch.compile(model)
+    _, masked, labels, attention_mask = masked_batch()
+    with caplog.at_level("WARNING"):
+        for mask in (attention_mask, torch.ones_like(attention_mask)):
+            out = compiled(masked, mask, labels=labels)
+            out.loss.backward()
+            torch.testing.assert_close(out.loss, model(masked, mask, labels=labels).loss)
+    assert not [r for r in caplog.records if r.name.startswith("torch")], caplog.text

@@ -29,6 +29,7 @@ def test_table_rows_means_and_spreads(sst2):
     args = sst2.parse_args(["data"])
     results = {"times": {"pretrain": 1218.0, "pretrained-few-seed0": 40.0, "pretrained-few-seed1": 44.0},
                "tfidf": {"val_accuracy": 0.786, "train_rows": 60904, "seconds": 1.0},
+               "tfidf-few": {"val_accuracy": 0.668, "train_rows": 2000, "seconds": 0.2},
                "pretrain": {"val_mlm_acc": 0.315},
                "pretrained-few-seed0": run("pretrained", "few", 0, 0.70),
                "pretrained-few-seed1": run("pretrained", "few", 1, 0.74),
@@ -36,8 +37,9 @@ def test_table_rows_means_and_spreads(sst2):
                "scratch-own-few-seed0": run("scratch-own", "few", 0, 0.66),
                "pretrained-all-seed0": run("pretrained", "all", 0, 0.79)}
     lines = sst2.markdown_table(results, {"all": 60904, "few": 2000}, args).splitlines()
-    assert lines[2].startswith("| TF-IDF") and "78.6%" in lines[2]
-    body = lines[3:]
+    assert lines[2].startswith("| TF-IDF") and "| 60,904 | 78.6% |" in lines[2]
+    assert lines[3].startswith("| TF-IDF") and "| 2,000 | 66.8% |" in lines[3]
+    body = lines[4:]
     # order: pretrained (all, few), scratch, scratch with its own flags; one row each
     assert [("2,000" in line, "own flags" in line) for line in body] == [
         (False, False), (True, False), (True, False), (True, True)]

@@ -232,10 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = {k: len(read_labelled(p)) for k, p in train_sets.items()}
     save()
 
-    for train_set, key in (("all", "tfidf"), ("few", "tfidf-few")):
-        if "tfidf" in stages and key not in results:
-            results[key] = tfidf_baseline(train_sets[train_set], val_tsv)
-            save()
+    if "tfidf" in stages:
+        for train_set, key in (("all", "tfidf"), ("few", "tfidf-few")):
+            if key not in results:
+                results[key] = tfidf_baseline(train_sets[train_set], val_tsv)
+                save()
 
     smoke = args.smoke
     # the first pretraining run is "pretrain"; further seeds (--pretrain-seeds) "pretrain-seed{s}"

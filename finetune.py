@@ -43,8 +43,9 @@ def parse_args(argv: list[str] | None) -> FinetuneConfig:
     a.add_argument("--tokenizer", default=None, help="scratch: a saved tokenizer directory instead of training one")
     a.add_argument("--vocab-size", type=int, default=4096, help="scratch: vocabulary of the trained tokenizer")
     a.add_argument("--tokenizer-type", choices=["bpe", "unigram"], default="bpe")
-    a.add_argument("--pooling", choices=["cls", "mean", "last"], default=None,
-                   help="sentence vector for the head (default: the model's own, cls for BERT, last for GPT)")
+    a.add_argument("--pooling", choices=["cls", "mean", "max", "last"], default=None,
+                   help="sentence vector for the head: the first token, the mean or the per-feature maximum over "
+                   "real tokens, or the last real token (default: the model's own, cls for BERT, last for GPT)")
     a.add_argument("--dropout", type=float, default=0.1, help="dropout in body and head while finetuning")
     a.add_argument("--freeze-embeddings", action="store_true", help="keep the token (and position) embeddings "
                    "as pretrained, so that with few labels the words unseen in training keep their pretrained neighbours")

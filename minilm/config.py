@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 Attention = Literal["sdpa", "manual"]
-Pooling = Literal["cls", "mean", "last"]
+Pooling = Literal["cls", "mean", "max", "last"]
 
 
 @dataclass
@@ -74,7 +74,7 @@ class ModelConfig:
             raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
         if self.position == "rope" and self.head_size % 2:
             raise ValueError(f"RoPE needs an even head size, got {self.head_size}")
-        for name, allowed in (("attention", ("sdpa", "manual")), ("pooling", ("cls", "mean", "last")),
+        for name, allowed in (("attention", ("sdpa", "manual")), ("pooling", ("cls", "mean", "max", "last")),
                               ("norm", ("layernorm", "rmsnorm")), ("norm_position", ("pre", "post")),
                               ("mlp", ("gelu", "gelu_tanh", "swiglu")), ("position", ("learned", "rope"))):
             if getattr(self, name) not in allowed:

@@ -346,7 +346,7 @@ def check_choices(cfg: FinetuneConfig) -> None:
     for flag, value, allowed in (("--metric", cfg.metric, sorted(METRICS)),
                                  ("--class-weights", cfg.class_weights, ["none", "auto"]),
                                  ("--init-weights", cfg.init_weights, ["final", "best"]),
-                                 ("--pooling", cfg.pooling, [None, "cls", "mean", "last"])):
+                                 ("--pooling", cfg.pooling, [None, "cls", "mean", "max", "last"])):
         if value not in allowed:
             raise MinilmError(f"{flag} {value!r}: choose one of {[a for a in allowed if a]}")
     if not 0 <= cfg.token_mask < 1:

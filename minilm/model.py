@@ -345,8 +345,10 @@ def pooled_position(input_ids: Tensor, attention_mask: Tensor | None, how: str) 
 
 
 def pool(h: Tensor, attention_mask: Tensor | None, how: str) -> Tensor:
-    """(B, T, d) -> (B, d): the [CLS] (first) token, the mean over real tokens, or the
-    last real token (works for right and left padding: the highest index whose mask is 1)."""
+    """(B, T, d) -> (B, d): the [CLS] (first) token; the mean over real tokens; the maximum
+    over real tokens, feature by feature (max-over-time, as in Kim's 2014 sentence CNN: one
+    strongly worded phrase is not averaged away in a long sentence); or the last real token
+    (works for right and left padding: the highest index whose mask is 1)."""
     if how == "cls":
         return h[:, 0]
     if how == "mean":
@@ -354,6 +356,11 @@ def pool(h: Tensor, attention_mask: Tensor | None, how: str) -> Tensor:
             return h.mean(1)
         mask = attention_mask.to(h.dtype)[..., None]                        # (B, T, 1)
         return (h * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+    if how == "max":
+        if attention_mask is None:
+            return h.amax(1)
+        padding = (attention_mask == 0)[..., None]                          # (B, T, 1)
+        return h.masked_fill(padding, torch.finfo(h.dtype).min).amax(1)
     last = pooled_position(h, attention_mask, how)                          # (B,)
     return h[torch.arange(h.size(0), device=h.device), last]
 
@@ -373,7 +380,7 @@ class SequenceClassifier(PreTrained):
                 attention: str | None = None, class_weights: Tensor | None = None) -> ModelOutput:
         """labels (B,) class indices. logits (B, num_labels)."""
         how = self.config.pooling
-        if how == "mean":
+        if how in ("mean", "max"):
             h = self.transformer(input_ids, attention_mask, token_type_ids, attention=attention)
             pooled = pool(h, attention_mask, how)                              # (B, d)
         else:  # one position per row is read: the last block computes only that one

@@ -139,6 +139,10 @@ def test_pooling_respects_padding():
     assert torch.equal(pool(h, right, "cls"), h[:, 0])
     assert torch.allclose(pool(h, right, "mean")[0], h[0, :2].mean(0))
     assert torch.allclose(pool(h, right, "mean")[1], h[1].mean(0))
+    negative = -h                                      # the padding must not win the maximum
+    assert torch.equal(pool(negative, right, "max"), torch.stack([negative[0, :2].amax(0), negative[1].amax(0)]))
+    assert torch.equal(pool(negative, left, "max")[0], negative[0, 2:].amax(0))
+    assert torch.equal(pool(h, None, "max"), h.amax(1))
     assert torch.equal(pool(h, right, "last"), torch.stack([h[0, 1], h[1, 3]]))
     assert torch.equal(pool(h, left, "last"), torch.stack([h[0, 3], h[1, 3]]))
 
@@ -224,7 +228,7 @@ def test_mlm_last_layer_on_masked_rows_only_changes_nothing(name, path):
 
 
 @pytest.mark.parametrize("name", ["bert-tiny", "gpt-mini", "llama-tiny"])
-@pytest.mark.parametrize("pooling", ["cls", "mean", "last"])
+@pytest.mark.parametrize("pooling", ["cls", "mean", "max", "last"])
 def test_classifier_last_layer_on_pooled_row_only_changes_nothing(name, pooling):
     gen = torch.Generator().manual_seed(1)
     torch.manual_seed(1)

@@ -335,6 +335,26 @@ def test_scratch_like_a_run_copies_its_architecture_and_tokenizer(task, pretrain
     assert name in weights and not torch.equal(weights[name], pretrained[name])
 
 
+def test_a_seed_reproduces_the_run(task, pretrained_run, tmp_path):
+    """Same seed, same flags -> the same losses and weights, with every random choice in play
+    (head init, dropout, batch order, --token-mask corruption); another seed changes them."""
+    train_csv, val_csv = task
+
+    def run(name: str, seed: int) -> tuple[list[float], dict]:
+        out = tmp_path / name
+        assert finetune.main(["--init", str(pretrained_run), "--data", str(train_csv), "--val", str(val_csv),
+                              "--out", str(out), "--max-steps", "12", "--eval-every", "6", "--pooling", "max",
+                              "--token-mask", "0.15", "--seed", str(seed), *QUICK]) == 0
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        losses = [r[k] for r in records for k in ("loss", "val_loss") if k in r]
+        return losses, load_model_dir(out, "model.safetensors", head="classify").state_dict()
+
+    (losses, weights), (again, weights_again), (other, _) = run("a", 3), run("b", 3), run("c", 4)
+    assert len(losses) >= 4 and losses == again
+    assert all(torch.equal(weights[name], weights_again[name]) for name in weights)
+    assert other != losses
+
+
 def test_freeze_embeddings_keeps_them_as_pretrained(task, pretrained_run, tmp_path):
     train_csv, val_csv = task
     out = tmp_path / "run"

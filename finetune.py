@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from minilm.cli import HelpFormatter, add_machine_flags, add_shape_flags, main_guard
-from minilm.config import PRESETS
+from minilm.config import POOLINGS, PRESETS
 from minilm.errors import MinilmError
 from minilm.finetune import DEFAULT_LR, FINETUNE_LOOP, METRICS, FinetuneConfig, export, load_run, predict, run
 
@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None) -> FinetuneConfig:
     a.add_argument("--tokenizer", default=None, help="scratch: a saved tokenizer directory instead of training one")
     a.add_argument("--vocab-size", type=int, default=4096, help="scratch: vocabulary of the trained tokenizer")
     a.add_argument("--tokenizer-type", choices=["bpe", "unigram"], default="bpe")
-    a.add_argument("--pooling", choices=["cls", "mean", "max", "last"], default=None,
+    a.add_argument("--pooling", choices=POOLINGS, default=None,
                    help="sentence vector for the head: the first token, the mean or the per-feature maximum over "
                    "real tokens, or the last real token (default: the model's own, cls for BERT, last for GPT)")
     a.add_argument("--dropout", type=float, default=0.1, help="dropout in body and head while finetuning")

@@ -19,10 +19,11 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 Attention = Literal["sdpa", "manual"]
 Pooling = Literal["cls", "mean", "max", "last"]
+POOLINGS: tuple[str, ...] = get_args(Pooling)     # the one list: config checks, finetune flags
 
 
 @dataclass
@@ -74,7 +75,7 @@ class ModelConfig:
             raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
         if self.position == "rope" and self.head_size % 2:
             raise ValueError(f"RoPE needs an even head size, got {self.head_size}")
-        for name, allowed in (("attention", ("sdpa", "manual")), ("pooling", ("cls", "mean", "max", "last")),
+        for name, allowed in (("attention", ("sdpa", "manual")), ("pooling", POOLINGS),
                               ("norm", ("layernorm", "rmsnorm")), ("norm_position", ("pre", "post")),
                               ("mlp", ("gelu", "gelu_tanh", "swiglu")), ("position", ("learned", "rope"))):
             if getattr(self, name) not in allowed:

@@ -41,7 +41,7 @@ from minilm.classify_data import (DEFAULT_DATASET, EncodedTexts, HFTextEncoder, 
                                   LengthBucketBatches, MinilmTextEncoder, TextEncoder, balanced_class_weights,
                                   eval_batches, load_text_encoder, pad_batch, read_default_dataset,
                                   read_labelled, split_validation)
-from minilm.config import ModelConfig, preset, shape_overrides
+from minilm.config import POOLINGS, ModelConfig, preset, shape_overrides
 from minilm.errors import MinilmError
 from minilm.model import PreTrained, SequenceClassifier
 from minilm.objectives import mask_tokens
@@ -346,7 +346,7 @@ def check_choices(cfg: FinetuneConfig) -> None:
     for flag, value, allowed in (("--metric", cfg.metric, sorted(METRICS)),
                                  ("--class-weights", cfg.class_weights, ["none", "auto"]),
                                  ("--init-weights", cfg.init_weights, ["final", "best"]),
-                                 ("--pooling", cfg.pooling, [None, "cls", "mean", "max", "last"])):
+                                 ("--pooling", cfg.pooling, [None, *POOLINGS])):
         if value not in allowed:
             raise MinilmError(f"{flag} {value!r}: choose one of {[a for a in allowed if a]}")
     if not 0 <= cfg.token_mask < 1:

@@ -65,8 +65,8 @@ class FinetuneConfig:
 
     `loop` holds LoopConfig's keyword arguments. Missing or None entries are filled in once
     the data size is known (resolve_loop): max_steps from `epochs`, warmup_steps = 6% of the
-    steps, eval_every = once per epoch or every 250 steps if sooner, lr from DEFAULT_LR, the rest from FINETUNE_LOOP and
-    then LoopConfig's own defaults.
+    steps, eval_every = once per epoch or every 250 steps if sooner, lr from DEFAULT_LR, the
+    rest from FINETUNE_LOOP and then LoopConfig's own defaults.
     """
 
     out: str

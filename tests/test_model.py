@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from minilm import PRESETS, CausalLM, MaskedLM, ModelConfig, SequenceClassifier, preset
 from minilm.attention import build_keep_mask
 from minilm.checkpoint import load_model_dir, save_model_dir
+from minilm.config import POOLINGS
 from minilm.model import ReplacedTokenDetection, pool
 from minilm.objectives import RTD_WEIGHT, linear_cross_entropy, mask_tokens, replace_with_samples
 
@@ -228,7 +229,7 @@ def test_mlm_last_layer_on_masked_rows_only_changes_nothing(name, path):
 
 
 @pytest.mark.parametrize("name", ["bert-tiny", "gpt-mini", "llama-tiny"])
-@pytest.mark.parametrize("pooling", ["cls", "mean", "max", "last"])
+@pytest.mark.parametrize("pooling", POOLINGS)
 def test_classifier_last_layer_on_pooled_row_only_changes_nothing(name, pooling):
     gen = torch.Generator().manual_seed(1)
     torch.manual_seed(1)

@@ -17,7 +17,7 @@ import sys
 import time
 
 from minilm.cli import HelpFormatter, add_machine_flags, add_shape_flags, main_guard
-from minilm.config import PRESETS
+from minilm.config import ATTENTIONS, PRESETS
 from minilm.pretrain import PretrainConfig, run
 from minilm.training import LoopConfig
 
@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None) -> PretrainConfig:
     add_shape_flags(a, "override the preset")
     a.add_argument("--seq-len", type=int, default=128, help="context length in tokens")
     a.add_argument("--dropout", type=float, default=0.0)
-    a.add_argument("--attention", choices=["sdpa", "manual"], default="sdpa")
+    a.add_argument("--attention", choices=ATTENTIONS, default="sdpa")
     a.add_argument("--mask-prob", type=float, default=0.15, help="MLM and RTD: share of tokens to mask")
     a.add_argument("--whole-word-mask", action="store_true", help="MLM and RTD: mask all the pieces of a "
                    "chosen word together (BERT's whole-word masking) instead of pieces independently")

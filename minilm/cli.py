@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
+from minilm.config import ModelConfig, choice_fields
 from minilm.errors import MinilmError
 
 
@@ -29,7 +30,7 @@ def add_shape_flags(group: argparse._ArgumentGroup, note: str) -> None:
     """--d-model, --n-layers, --n-heads, --d-ff, --norm-position: the preset's shape, changed."""
     for name in ("d-model", "n-layers", "n-heads", "d-ff"):
         group.add_argument(f"--{name}", type=int, default=None, help=note)
-    group.add_argument("--norm-position", choices=["pre", "post"], default=None,
+    group.add_argument("--norm-position", choices=choice_fields(ModelConfig)["norm_position"], default=None,
                        help=f"{note}: normalise each sublayer's input (pre-LN: GPT-2, Llama; trains stably at "
                             "high learning rates) or the residual sum (post-LN: BERT)")
 

@@ -16,14 +16,24 @@ Notation used across the package:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal, get_args, get_origin, get_type_hints
 
 Attention = Literal["sdpa", "manual"]
 Pooling = Literal["cls", "mean", "max", "last"]
-POOLINGS: tuple[str, ...] = get_args(Pooling)     # the one list: config checks, finetune flags
+# the one list of each: command-line choices and tests read these, the config check reads the types
+ATTENTIONS: tuple[str, ...] = get_args(Attention)
+POOLINGS: tuple[str, ...] = get_args(Pooling)
+
+
+@functools.cache
+def choice_fields(cls: type) -> dict[str, tuple[str, ...]]:
+    """The dataclass fields typed as a Literal, each with the values its type allows."""
+    hints = get_type_hints(cls)
+    return {f.name: get_args(hints[f.name]) for f in dataclasses.fields(cls) if get_origin(hints[f.name]) is Literal}
 
 
 @dataclass
@@ -75,9 +85,7 @@ class ModelConfig:
             raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
         if self.position == "rope" and self.head_size % 2:
             raise ValueError(f"RoPE needs an even head size, got {self.head_size}")
-        for name, allowed in (("attention", ("sdpa", "manual")), ("pooling", POOLINGS),
-                              ("norm", ("layernorm", "rmsnorm")), ("norm_position", ("pre", "post")),
-                              ("mlp", ("gelu", "gelu_tanh", "swiglu")), ("position", ("learned", "rope"))):
+        for name, allowed in choice_fields(type(self)).items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {allowed}")
 

@@ -25,7 +25,7 @@ import torch
 
 from minilm import data
 from minilm.checkpoint import new_run_dir, save_model_dir, write_json
-from minilm.config import ModelConfig, preset, shape_overrides
+from minilm.config import Attention, ModelConfig, preset, shape_overrides
 from minilm.errors import MinilmError
 from minilm.model import CausalLM, MaskedLM, PreTrained, ReplacedTokenDetection
 from minilm.objectives import RTD_WEIGHT, bits_per_char, mask_tokens
@@ -49,7 +49,7 @@ class PretrainConfig:
     d_ff: int | None = None
     norm_position: str | None = None
     dropout: float = 0.0
-    attention: str = "sdpa"
+    attention: Attention = "sdpa"
     seq_len: int = 128
     batch_size: int = 32
     vocab_size: int = 4096

@@ -18,6 +18,7 @@ import torch
 
 from minilm import CausalLM, MaskedLM, preset
 from minilm.checkpoint import save_model_dir
+from minilm.config import ATTENTIONS
 from minilm.errors import MinilmError
 from minilm.generate import (apply_temperature, fill_mask, generate, positions_from_mask,
                              sample_next_token, top_k_filter, top_p_filter)
@@ -57,7 +58,7 @@ def left_pad(prompts: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor
 # --------------------------------------------------------------------------------------
 # the KV cache computes the same function as re-encoding everything
 # --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("attention", ["sdpa", "manual"])
+@pytest.mark.parametrize("attention", ATTENTIONS)
 @pytest.mark.parametrize("shape", ["gpt", "llama"])
 def test_cached_greedy_equals_uncached(shape, attention):
     model = tiny_causal(shape, attention)
@@ -69,7 +70,7 @@ def test_cached_greedy_equals_uncached(shape, attention):
     assert torch.equal(cached, uncached)
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "manual"])
+@pytest.mark.parametrize("attention", ATTENTIONS)
 @pytest.mark.parametrize("shape", ["gpt", "llama"])
 def test_left_padded_batch_matches_each_prompt_alone(shape, attention):
     model = tiny_causal(shape, attention)

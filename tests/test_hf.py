@@ -14,13 +14,14 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from minilm import CausalLM, MaskedLM, SequenceClassifier, preset  # noqa: E402
+from minilm.config import ATTENTIONS  # noqa: E402
 from minilm.errors import MinilmError  # noqa: E402
 from minilm.hf import config_from_hf, config_to_hf, from_hf, to_hf  # noqa: E402
 
 TOL = 1e-4
 V, PAD, LABELS = 96, 0, 3
 LENGTHS = [12, 9, 5]          # right padding: rows 1 and 2 are padded
-MINILM_PATHS = ("sdpa", "manual")
+MINILM_PATHS = ATTENTIONS
 
 
 @pytest.fixture(autouse=True)

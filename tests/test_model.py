@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from minilm import PRESETS, CausalLM, MaskedLM, ModelConfig, SequenceClassifier, preset
 from minilm.attention import build_keep_mask
 from minilm.checkpoint import load_model_dir, save_model_dir
-from minilm.config import POOLINGS
+from minilm.config import ATTENTIONS, POOLINGS, choice_fields
 from minilm.model import ReplacedTokenDetection, pool
 from minilm.objectives import RTD_WEIGHT, linear_cross_entropy, mask_tokens, replace_with_samples
 
@@ -37,6 +37,19 @@ def test_config_rejects_bad_values():
         preset("bert-huge")
     with pytest.raises(ValueError, match="unknown config fields"):
         ModelConfig.from_dict({"d_modle": 3})
+
+
+CHOICE_FIELDS = choice_fields(ModelConfig)
+
+
+@pytest.mark.parametrize("name", sorted(CHOICE_FIELDS))
+def test_config_choice_fields_take_only_their_listed_values(name):
+    """Each field typed as a Literal accepts every value its type lists and nothing else."""
+    assert set(CHOICE_FIELDS) == {"norm", "norm_position", "mlp", "position", "attention", "pooling"}
+    for value in CHOICE_FIELDS[name]:
+        assert getattr(ModelConfig(**{name: value}), name) == value
+    with pytest.raises(ValueError, match=f"{name}='nonsense'; choose one of"):
+        ModelConfig(**{name: "nonsense"})
 
 
 def test_gpt2_small_has_gpt2_parameter_count():
@@ -202,7 +215,7 @@ def padded_batch(gen: torch.Generator):
 
 
 @pytest.mark.parametrize("name", ["bert-tiny", "gpt-mini", "llama-tiny"])
-@pytest.mark.parametrize("path", ["sdpa", "manual"])
+@pytest.mark.parametrize("path", ATTENTIONS)
 def test_mlm_last_layer_on_masked_rows_only_changes_nothing(name, path):
     """MaskedLM with labels runs its last block on the masked rows only: the logits, the loss
     and every gradient equal those of the full computation."""

@@ -21,7 +21,6 @@ from minilm.hf import config_from_hf, config_to_hf, from_hf, to_hf  # noqa: E402
 TOL = 1e-4
 V, PAD, LABELS = 96, 0, 3
 LENGTHS = [12, 9, 5]          # right padding: rows 1 and 2 are padded
-MINILM_PATHS = ATTENTIONS
 
 
 @pytest.fixture(autouse=True)
@@ -108,7 +107,7 @@ def test_headed_model_matches_transformers(class_name, hf_attn):
     inputs = batch(with_types=class_name.startswith("Bert"))
     with torch.no_grad():
         expected = hf(**inputs).logits
-        for path in MINILM_PATHS:
+        for path in ATTENTIONS:
             got = model(**inputs, attention=path).logits
             assert got.shape == expected.shape
             diff = max_diff(got, expected, None if all_rows else inputs["attention_mask"])
@@ -134,7 +133,7 @@ def test_bare_body_matches_transformers(class_name, hf_attn):
     inputs = batch(with_types=class_name == "BertModel")
     with torch.no_grad():
         expected = hf(**inputs)
-        for path in MINILM_PATHS:
+        for path in ATTENTIONS:
             hidden = model.transformer(**inputs, attention=path)
             diff = max_diff(hidden, expected.last_hidden_state, inputs["attention_mask"])
             assert diff <= TOL, f"{class_name} hf={hf_attn} minilm={path}: max abs diff {diff:.2e}"
@@ -324,7 +323,7 @@ def test_all_minilm_l6_v2_matches_transformers():
     assert report.missing == ["classifier.weight", "classifier.bias"] and report.unused == []
     with torch.no_grad():
         expected = hf(**inputs)
-        for path in MINILM_PATHS:
+        for path in ATTENTIONS:
             hidden = model.transformer(**inputs, attention=path)
             diff = max_diff(hidden, expected.last_hidden_state, inputs["attention_mask"])
             assert diff <= TOL, f"all-MiniLM-L6-v2 minilm={path}: max abs diff {diff:.2e}"

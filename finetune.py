@@ -22,11 +22,13 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import get_args
 
-from minilm.cli import HelpFormatter, add_machine_flags, add_shape_flags, main_guard
-from minilm.config import POOLINGS, PRESETS
+from minilm.cli import HelpFormatter, add_machine_flags, add_shape_flags, choices, main_guard
+from minilm.config import PRESETS
 from minilm.errors import MinilmError
-from minilm.finetune import DEFAULT_LR, FINETUNE_LOOP, METRICS, FinetuneConfig, export, load_run, predict, run
+from minilm.finetune import DEFAULT_LR, FINETUNE_LOOP, FinetuneConfig, Weights, export, load_run, predict, run
+from minilm.training import LoopConfig
 
 
 def parse_args(argv: list[str] | None) -> FinetuneConfig:
@@ -34,7 +36,7 @@ def parse_args(argv: list[str] | None) -> FinetuneConfig:
     a = p.add_argument_group("model")
     a.add_argument("--init", default="scratch", help="RUN_DIR (a train.py/finetune.py run), hf:PATH (a local "
                    "Hugging Face model directory) or scratch (random --preset)")
-    a.add_argument("--init-weights", choices=["final", "best"], default="final",
+    a.add_argument("--init-weights", choices=choices(FinetuneConfig, "init_weights"), default="final",
                    help="RUN_DIR inits: model.safetensors (final) or best.safetensors")
     a.add_argument("--preset", choices=sorted(PRESETS), default="bert-mini", help="scratch: the architecture")
     add_shape_flags(a, "scratch: override the preset")
@@ -42,8 +44,8 @@ def parse_args(argv: list[str] | None) -> FinetuneConfig:
                    "this run directory, with random weights (the no-pretraining baseline of a pretrained run)")
     a.add_argument("--tokenizer", default=None, help="scratch: a saved tokenizer directory instead of training one")
     a.add_argument("--vocab-size", type=int, default=4096, help="scratch: vocabulary of the trained tokenizer")
-    a.add_argument("--tokenizer-type", choices=["bpe", "unigram"], default="bpe")
-    a.add_argument("--pooling", choices=POOLINGS, default=None,
+    a.add_argument("--tokenizer-type", choices=choices(FinetuneConfig, "tokenizer_type"), default="bpe")
+    a.add_argument("--pooling", choices=choices(FinetuneConfig, "pooling"), default=None,
                    help="sentence vector for the head: the first token, the mean or the per-feature maximum over "
                    "real tokens, or the last real token (default: the model's own, cls for BERT, last for GPT)")
     a.add_argument("--dropout", type=float, default=0.1, help="dropout in body and head while finetuning")
@@ -63,7 +65,7 @@ def parse_args(argv: list[str] | None) -> FinetuneConfig:
     a.add_argument("--text-pair-col", default=None, help="second text column for pair tasks (default: detected "
                    "for sentence1/sentence2, premise/hypothesis, ...)")
     a.add_argument("--label-col", default=None, help="label column; default: detected (label, sentiment, class, ...)")
-    a.add_argument("--header", choices=["auto", "yes", "no"], default="auto",
+    a.add_argument("--header", choices=choices(FinetuneConfig, "header"), default="auto",
                    help="CSV/TSV: whether the first line names the columns")
     a.add_argument("--encoding", default="utf-8", help="text encoding of the data files")
     a.add_argument("--max-length", type=int, default=None, help="tokens per example, longer ones are truncated "
@@ -74,25 +76,25 @@ def parse_args(argv: list[str] | None) -> FinetuneConfig:
     a.add_argument("--lr", type=float, default=None, help="peak learning rate; default by init: "
                    + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()))
     a.add_argument("--warmup-steps", type=int, default=None, help="default: 6%% of the steps")
-    a.add_argument("--schedule", choices=["linear", "cosine", "constant"], default=FINETUNE_LOOP["schedule"])
+    a.add_argument("--schedule", choices=choices(LoopConfig, "schedule"), default=FINETUNE_LOOP["schedule"])
     a.add_argument("--min-lr-ratio", type=float, default=FINETUNE_LOOP["min_lr_ratio"])
     a.add_argument("--weight-decay", type=float, default=FINETUNE_LOOP["weight_decay"])
     a.add_argument("--grad-clip", type=float, default=1.0)
     a.add_argument("--layer-lr-decay", type=float, default=1.0, metavar="GAMMA", help="layer-wise learning "
-                   "rates: the head at --lr, block i of L at lr·GAMMA^(L-i), embeddings at lr·GAMMA^(L+1); "
+                   "rates: the head at --lr, block i = 0..L-1 (bottom to top) at lr·GAMMA^(L-i), embeddings at lr·GAMMA^(L+1); "
                    "below 1 the pretrained lower layers move less (ULMFiT, ELECTRA); 1 disables")
-    a.add_argument("--class-weights", choices=["none", "auto"], default="none",
+    a.add_argument("--class-weights", choices=choices(FinetuneConfig, "class_weights"), default="none",
                    help="auto: weight the loss by inverse class frequency")
     a = p.add_argument_group("budget and evaluation (the first budget reached stops the run)")
     a.add_argument("--epochs", type=float, default=3.0, help="passes over the training data (unless --max-steps)")
     a.add_argument("--max-steps", type=int, default=None)
     a.add_argument("--time-budget", type=float, default=None, help="seconds of training (evaluation excluded)")
-    a.add_argument("--metric", choices=sorted(METRICS), default="accuracy", help="validation score that picks "
+    a.add_argument("--metric", choices=choices(FinetuneConfig, "metric"), default="accuracy", help="validation score that picks "
                    "best.safetensors and drives early stopping")
     a.add_argument("--patience", type=int, default=0, help="stop after this many evaluations without "
                    "improvement (0: never)")
-    a.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: once per "
-                   "epoch, at most 250)")
+    a.add_argument("--eval-every", type=int, default=None, help="steps between evaluations; 0: only at the "
+                   "end (default: once per epoch, at most every 250 steps)")
     a = p.add_argument_group("run")
     a.add_argument("--out", default=None, help="run directory (default runs/finetune-TIMESTAMP); must not exist "
                    "or be empty")
@@ -160,7 +162,7 @@ def predict_main(argv: list[str]) -> int:
     p.add_argument("--text", action="append", default=[], help="a text to classify (repeatable)")
     p.add_argument("--pair", action="append", default=None, help="the second text of a pair, one per --text")
     p.add_argument("--file", default=None, help="a file with one text per line (TEXT<TAB>PAIR for pair models)")
-    p.add_argument("--weights", choices=["best", "final"], default="best")
+    p.add_argument("--weights", choices=get_args(Weights), default="best")
     p.add_argument("--json", action="store_true", help="one JSON object per text instead of a table")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
@@ -190,7 +192,7 @@ def export_main(argv: list[str]) -> int:
                                             "directory (AutoModelForSequenceClassification.from_pretrained).")
     p.add_argument("run_dir", help="a finetune.py run directory")
     p.add_argument("out_dir", help="the directory to write (must not exist or be empty)")
-    p.add_argument("--weights", choices=["best", "final"], default="best")
+    p.add_argument("--weights", choices=get_args(Weights), default="best")
     args = p.parse_args(argv)
     out = export(args.run_dir, args.out_dir, args.weights)
     print(f"exported {args.run_dir} ({args.weights} weights) -> {out}/")

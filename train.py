@@ -16,9 +16,9 @@ import argparse
 import sys
 import time
 
-from minilm.cli import HelpFormatter, add_machine_flags, add_shape_flags, main_guard
-from minilm.config import ATTENTIONS, PRESETS
-from minilm.pretrain import PretrainConfig, run
+from minilm.cli import HelpFormatter, add_machine_flags, add_shape_flags, choices, main_guard
+from minilm.config import PRESETS
+from minilm.pretrain import PretrainConfig, resumed_config, run
 from minilm.training import LoopConfig
 
 
@@ -29,15 +29,15 @@ def parse_args(argv: list[str] | None) -> PretrainConfig:
                    "named corpus (tinyshakespeare); none: the embedded King James Bible")
     a.add_argument("--text-field", default="text", help="field holding the text in .jsonl files")
     a.add_argument("--val-fraction", type=float, default=0.05, help="share of the data held out for validation")
-    a.add_argument("--split", choices=["doc", "tail"], default="doc",
+    a.add_argument("--split", choices=choices(PretrainConfig, "split"), default="doc",
                    help="doc: whole documents by hash; tail: the last characters of the stream")
     a.add_argument("--cache-dir", default=None, help="downloads and prepared token files (default $MINILM_CACHE or ~/.cache/minilm)")
     a = p.add_argument_group("tokenizer")
     a.add_argument("--tokenizer", default=None, help="reuse a saved tokenizer directory instead of training one")
     a.add_argument("--vocab-size", type=int, default=4096)
-    a.add_argument("--tokenizer-type", choices=["bpe", "unigram"], default="bpe")
+    a.add_argument("--tokenizer-type", choices=choices(PretrainConfig, "tokenizer_type"), default="bpe")
     a = p.add_argument_group("model")
-    a.add_argument("--objective", choices=["clm", "mlm", "rtd"], default="clm",
+    a.add_argument("--objective", choices=choices(PretrainConfig, "objective"), default="clm",
                    help="causal LM (GPT), masked LM (BERT) or replaced-token detection (ELECTRA: a small MLM "
                         "generator corrupts the input, the encoder spots the replaced tokens)")
     a.add_argument("--preset", choices=sorted(PRESETS), default=None,
@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None) -> PretrainConfig:
     add_shape_flags(a, "override the preset")
     a.add_argument("--seq-len", type=int, default=128, help="context length in tokens")
     a.add_argument("--dropout", type=float, default=0.0)
-    a.add_argument("--attention", choices=ATTENTIONS, default="sdpa")
+    a.add_argument("--attention", choices=choices(PretrainConfig, "attention"), default="sdpa")
     a.add_argument("--mask-prob", type=float, default=0.15, help="MLM and RTD: share of tokens to mask")
     a.add_argument("--whole-word-mask", action="store_true", help="MLM and RTD: mask all the pieces of a "
                    "chosen word together (BERT's whole-word masking) instead of pieces independently")
@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None) -> PretrainConfig:
     a.add_argument("--lr", type=float, default=2e-3)
     a.add_argument("--min-lr-ratio", type=float, default=0.1)
     a.add_argument("--warmup-steps", type=int, default=100)
-    a.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine")
+    a.add_argument("--schedule", choices=choices(LoopConfig, "schedule"), default="cosine")
     a.add_argument("--weight-decay", type=float, default=0.1)
     a.add_argument("--grad-clip", type=float, default=1.0)
     a = p.add_argument_group("budget (the first reached stops the run)")
@@ -74,10 +74,13 @@ def parse_args(argv: list[str] | None) -> PretrainConfig:
     a.add_argument("--save-every", type=int, default=500, help="steps between resume states")
     add_machine_flags(a)
     args = p.parse_args(argv)
+    # the settings this command line gives (as config field names): all that --resume may change
+    given = {"progress" if dest == "no_progress" else dest
+             for dest, value in vars(args).items() if value != p.get_default(dest)}
 
     if args.resume and not args.out:
         p.error("--resume needs --out RUN_DIR")
-    if not (args.max_steps or args.max_tokens or args.time_budget):
+    if args.max_steps is None and args.max_tokens is None and args.time_budget is None:
         args.time_budget = 150.0
     loop = LoopConfig(lr=args.lr, warmup_steps=args.warmup_steps, schedule=args.schedule,
                       min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
@@ -85,7 +88,7 @@ def parse_args(argv: list[str] | None) -> PretrainConfig:
                       time_budget=args.time_budget, log_every=args.log_every, eval_every=args.eval_every,
                       save_every=args.save_every, compile=args.compile, progress=not args.no_progress)
     out = args.out or f"runs/{args.objective}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return PretrainConfig(
+    cfg = PretrainConfig(
         out=out, data=args.data, objective=args.objective, preset=args.preset, d_model=args.d_model,
         n_layers=args.n_layers, n_heads=args.n_heads, d_ff=args.d_ff, norm_position=args.norm_position,
         dropout=args.dropout,
@@ -95,6 +98,7 @@ def parse_args(argv: list[str] | None) -> PretrainConfig:
         generator_layers=args.generator_layers, eval_tokens=args.eval_tokens,
         cache_dir=args.cache_dir, device=args.device, dtype=args.dtype, seed=args.seed, resume=args.resume,
         loop=loop)
+    return resumed_config(cfg, given) if args.resume else cfg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,4 +131,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main_guard(main))
+    sys.exit(main_guard(main, resumable=True))

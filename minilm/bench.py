@@ -104,7 +104,7 @@ from torch import Tensor, nn
 from minilm.attention import manual_attention, sdpa_attention
 from minilm.cli import main_guard
 from minilm.config import ModelConfig, preset
-from minilm.errors import MinilmError
+from minilm.errors import MinilmError, import_transformers
 from minilm.model import CausalLM, MaskedLM, SequenceClassifier
 from minilm.objectives import IGNORE_INDEX, mask_tokens, shift_for_clm
 from minilm.training import autocast, dtype_name, resolve_device, resolve_dtype, tune_cpu_allocator
@@ -656,9 +656,8 @@ def run(opts: BenchOptions, log: Callable[[str], None] = print) -> dict:
     dtype = resolve_dtype(device, opts.dtype)
     if opts.malloc_tuning and device.type == "cpu":
         tune_cpu_allocator()
-    import transformers
-    from transformers.utils import logging as hf_logging
-    hf_logging.set_verbosity_error()   # config warnings about unused GPT-2 bos/eos ids are noise here
+    transformers = import_transformers()
+    transformers.logging.set_verbosity_error()   # config warnings about unused GPT-2 bos/eos ids are noise here
 
     meta = {"device": str(device), "device_name": device_name(device), "dtype": dtype_name(dtype),
             "compile": opts.compile, "batch_size": opts.batch_size, "seq_len": opts.seq_len, "size": opts.size,

@@ -49,8 +49,14 @@ def save_weights(model: PreTrained, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def load_weights(model: PreTrained, path: Path, strict: bool = True) -> PreTrained:
-    missing, unexpected = load_model(model, str(path), strict=strict)
+def load_weights(model: PreTrained, path: Path) -> PreTrained:
+    """Every tensor of `model` from `path`, and nothing else: a mismatch is a user error (the
+    file belongs to another architecture), reported by safetensors as missing/unexpected keys."""
+    try:
+        load_model(model, str(path), strict=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise MinilmError(f"{path} does not fit the model of its config.json ({first[:200]})") from err
     return model
 
 
@@ -76,14 +82,23 @@ def run_file(directory: str | Path, name: str) -> Path:
 def load_model_config(directory: str | Path) -> tuple[ModelConfig, str]:
     """A run directory's architecture and the head it was saved with (config.json)."""
     fields = json.loads(run_file(directory, "config.json").read_text())
+    if "model_type" in fields:
+        raise MinilmError(f"{directory} is a Hugging Face model directory (config.json has a model_type): read it "
+                          f"with minilm.hf.from_hf, or finetune.py --init hf:{directory}")
     head = fields.pop("head", "clm")
-    return ModelConfig.from_dict(fields), head
+    try:
+        return ModelConfig.from_dict(fields), head
+    except (TypeError, ValueError) as err:
+        raise MinilmError(f"{directory}/config.json: {err}") from err
 
 
 def load_model_dir(directory: str | Path, weights_name: str = "model.safetensors",
                    head: str | None = None) -> PreTrained:
     """Rebuild a model from a run directory (config.json + safetensors weights)."""
     config, saved_head = load_model_config(directory)
+    if head is not None and head != saved_head:
+        raise MinilmError(f"{directory} holds a {HEADS[saved_head].__name__} (config.json), not a "
+                          f"{HEADS[head].__name__}: pass a run directory of that kind")
     weights = run_file(directory, weights_name)
     model = HEADS[head or saved_head](config)
     load_weights(model, weights)
@@ -112,6 +127,7 @@ def save_state(run_dir: Path, model: PreTrained, trainer_state: dict) -> None:
     save_model(model, str(tmp / "model.safetensors"))
     torch.save(trainer_state, tmp / "trainer.pt")
     if final.exists():
+        shutil.rmtree(old, ignore_errors=True)     # left by a crash after the last swap, which completed state/
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)

@@ -31,14 +31,14 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 import numpy as np
 import torch
 
 from minilm.checkpoint import write_json
-from minilm.data import step_rng
-from minilm.errors import MinilmError
+from minilm.data import load_tokenizer, step_rng
+from minilm.errors import MinilmError, import_transformers
 
 # =====================================================================================
 # Reading labelled files
@@ -53,6 +53,7 @@ PAIR_COLUMNS = {"sentence1": "sentence2", "text_a": "text_b", "question1": "ques
 LABEL_COLUMNS = ("label", "labels", "gold_label", "sentiment", "class", "category", "target",
                  "polarity", "stars", "rating")
 KNOWN_COLUMNS = set(TEXT_COLUMNS) | set(PAIR_COLUMNS.values()) | set(LABEL_COLUMNS)
+Header = Literal["auto", "yes", "no"]       # CSV/TSV: does the first line name the columns?
 
 TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t", ".tab": "\t"}
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -198,7 +199,7 @@ def _likely_label_column(rows: list[list[str]], exclude: int | None = None) -> i
     return min(candidates, key=lambda k: (len({r[k] for r in rows}), _mean_len(rows, k), -k))
 
 
-def _has_header(rows: list[list[str]], header: str, specs: list[str | None]) -> bool:
+def _has_header(rows: list[list[str]], header: Header, specs: list[str | None]) -> bool:
     """Whether the first row names the columns.
 
     auto: yes if a cell is a known column name or a (non-numeric) name passed by flag;
@@ -237,7 +238,7 @@ def _table_rows(path: Path, text: str, delimiter: str) -> list[tuple[int, list[s
 
 
 def _read_table(path: Path, text: str, delimiter: str, text_col: str | None, pair_col: str | None,
-                label_col: str | None, header: str) -> LabelledData:
+                label_col: str | None, header: Header) -> LabelledData:
     rows = _table_rows(path, text, delimiter)
     kind = "TSV" if delimiter == "\t" else "CSV"
     width = len(rows[0][1])
@@ -319,7 +320,7 @@ def _read_jsonl(path: Path, text: str, text_col: str | None, pair_col: str | Non
 
 
 def read_labelled(path: str | Path, *, text_col: str | None = None, pair_col: str | None = None,
-                  label_col: str | None = None, header: str = "auto", encoding: str = "utf-8") -> LabelledData:
+                  label_col: str | None = None, header: Header = "auto", encoding: str = "utf-8") -> LabelledData:
     """Read a CSV, TSV or JSON Lines file of labelled texts.
 
     text_col / pair_col / label_col: a column name (or, for files without a header, a
@@ -330,8 +331,8 @@ def read_labelled(path: str | Path, *, text_col: str | None = None, pair_col: st
     path = Path(path)
     if not path.is_file():
         raise MinilmError(f"{path} not found: pass a .csv, .tsv or .jsonl file of labelled texts")
-    if header not in ("auto", "yes", "no"):
-        raise MinilmError(f"--header {header!r}: choose auto, yes or no")
+    if header not in get_args(Header):
+        raise MinilmError(f"--header {header!r}: choose one of {', '.join(get_args(Header))}")
     text = _decode(path, encoding)
     if not text.strip():
         raise MinilmError(f"{path} is empty: it needs one labelled example per line (a header line is optional)")
@@ -505,10 +506,7 @@ class HFTextEncoder:
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> HFTextEncoder:
-        try:
-            import transformers
-        except ImportError as err:
-            raise MinilmError("Hugging Face inits need transformers: pip install 'minilm[hf]'") from err
+        transformers = import_transformers()
         try:
             return cls(transformers.AutoTokenizer.from_pretrained(str(directory)))
         except (OSError, ValueError) as err:
@@ -520,11 +518,7 @@ def load_text_encoder(directory: str | Path) -> TextEncoder:
     directory = Path(directory)
     if (directory / "tokenizer_config.json").is_file():
         return HFTextEncoder.from_pretrained(directory)
-    from tokenizer import Tokenizer
-    try:
-        return MinilmTextEncoder(Tokenizer.load(directory))
-    except ValueError as err:
-        raise MinilmError(str(err)) from err
+    return MinilmTextEncoder(load_tokenizer(directory))
 
 
 # =====================================================================================

@@ -5,20 +5,27 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from typing import get_args
 
 from minilm.config import ModelConfig, choice_fields
 from minilm.errors import MinilmError
+from minilm.training import Interrupted, Precision
 
 
-def main_guard(main: Callable[[], int]) -> int:
-    """Run a CLI's main(); MinilmError -> 'error: …' on stderr and exit 2, Ctrl-C -> exit 130."""
+def main_guard(main: Callable[[], int], resumable: bool = False) -> int:
+    """Run a CLI's main(); MinilmError -> 'error: …' on stderr and exit 2, Ctrl-C -> exit 130.
+    resumable: the script has --resume, so an interrupted training run says how to continue it."""
     try:
         return main()
     except MinilmError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as stop:
+        how = f"; continue with --resume --out {stop.run_dir}" if resumable else ""
+        print(f"interrupted at step {stop.step}: the state is saved in {stop.run_dir}/state{how}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
-        print("interrupted: the last saved state is kept; continue with --resume --out RUN_DIR", file=sys.stderr)
+        print("interrupted", file=sys.stderr)
         return 130
 
 
@@ -26,11 +33,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """--help with every default shown, and the description (usage examples) kept as written."""
 
 
+def choices(settings: type, name: str) -> tuple[str, ...]:
+    """The values a config dataclass's Literal-typed field allows, as a flag's choices (None, "not
+    given", is the flag's absence). One list per choice: the type is where it is written."""
+    return tuple(v for v in choice_fields(settings)[name] if v is not None)
+
+
 def add_shape_flags(group: argparse._ArgumentGroup, note: str) -> None:
     """--d-model, --n-layers, --n-heads, --d-ff, --norm-position: the preset's shape, changed."""
     for name in ("d-model", "n-layers", "n-heads", "d-ff"):
         group.add_argument(f"--{name}", type=int, default=None, help=note)
-    group.add_argument("--norm-position", choices=choice_fields(ModelConfig)["norm_position"], default=None,
+    group.add_argument("--norm-position", choices=choices(ModelConfig, "norm_position"), default=None,
                        help=f"{note}: normalise each sublayer's input (pre-LN: GPT-2, Llama; trains stably at "
                             "high learning rates) or the residual sum (post-LN: BERT)")
 
@@ -38,7 +51,7 @@ def add_shape_flags(group: argparse._ArgumentGroup, note: str) -> None:
 def add_machine_flags(group: argparse._ArgumentGroup) -> None:
     """The flags every training CLI shares: where and how it computes."""
     group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
-    group.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    group.add_argument("--dtype", default="auto", choices=get_args(Precision),
                        help="autocast precision; auto: bf16 where the hardware has it, fp16 on older GPUs, else fp32")
     group.add_argument("--compile", action="store_true", help="torch.compile the model")
     group.add_argument("--seed", type=int, default=0, help="weights init, data order, masking")

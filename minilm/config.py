@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Literal, get_args, get_origin, get_type_hints
 
 Attention = Literal["sdpa", "manual"]
+NormPosition = Literal["pre", "post"]
 Pooling = Literal["cls", "mean", "max", "last"]
 # the one list of each: command-line choices and tests read these, the config check reads the types
 ATTENTIONS: tuple[str, ...] = get_args(Attention)
@@ -30,10 +31,29 @@ POOLINGS: tuple[str, ...] = get_args(Pooling)
 
 
 @functools.cache
-def choice_fields(cls: type) -> dict[str, tuple[str, ...]]:
-    """The dataclass fields typed as a Literal, each with the values its type allows."""
+def choice_fields(cls: type) -> dict[str, tuple]:
+    """The dataclass fields typed as a Literal, each with the values its type allows
+    (None among them for a field typed `Literal[...] | None`)."""
     hints = get_type_hints(cls)
-    return {f.name: get_args(hints[f.name]) for f in dataclasses.fields(cls) if get_origin(hints[f.name]) is Literal}
+    fields = {}
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        literal = next((t for t in (hint, *get_args(hint)) if get_origin(t) is Literal), None)
+        if literal is not None:
+            optional = type(None) in get_args(hint)
+            fields[f.name] = get_args(literal) + ((None,) if optional else ())
+    return fields
+
+
+def check_choices(settings: object, error: type[Exception] = ValueError, as_flags: bool = False) -> None:
+    """Raise `error` for the first Literal-typed field of dataclass `settings` whose value its
+    type does not list. as_flags: name the field as its command-line flag (--init-weights)."""
+    for name, allowed in choice_fields(type(settings)).items():
+        value = getattr(settings, name)
+        if value not in allowed:
+            label = f"--{name.replace('_', '-')} " if as_flags else f"{name}="
+            listed = ", ".join(str(v) for v in allowed if v is not None)
+            raise error(f"{label}{value!r}; choose one of {listed}")
 
 
 @dataclass
@@ -52,7 +72,7 @@ class ModelConfig:
     causal: bool = False            # decoder (GPT, Llama) if True, encoder (BERT) if False
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = 1e-5
-    norm_position: Literal["pre", "post"] = "pre"
+    norm_position: NormPosition = "pre"
     mlp: Literal["gelu", "gelu_tanh", "swiglu"] = "gelu"
     position: Literal["learned", "rope"] = "learned"
     rope_theta: float = 10000.0
@@ -79,15 +99,19 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
+        for name in ("vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "num_labels"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        for name in ("dropout", "attn_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1)")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
         if self.position == "rope" and self.head_size % 2:
             raise ValueError(f"RoPE needs an even head size, got {self.head_size}")
-        for name, allowed in choice_fields(type(self)).items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {allowed}")
+        check_choices(self)
 
     @property
     def head_size(self) -> int:

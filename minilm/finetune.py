@@ -32,28 +32,34 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from minilm.checkpoint import load_model_config, load_model_dir, load_weights, new_run_dir, save_model_dir, write_json
-from minilm.classify_data import (DEFAULT_DATASET, EncodedTexts, HFTextEncoder, LabelledData, LabelSet,
+from minilm.classify_data import (DEFAULT_DATASET, EncodedTexts, Header, HFTextEncoder, LabelledData, LabelSet,
                                   LengthBucketBatches, MinilmTextEncoder, TextEncoder, balanced_class_weights,
                                   eval_batches, load_text_encoder, pad_batch, read_default_dataset,
                                   read_labelled, split_validation)
-from minilm.config import POOLINGS, ModelConfig, preset, shape_overrides
+from minilm.config import SHAPE_FIELDS, ModelConfig, NormPosition, Pooling, check_choices, preset, shape_overrides
 from minilm.errors import MinilmError
 from minilm.model import PreTrained, SequenceClassifier
 from minilm.objectives import mask_tokens
-from minilm.pretrain import plot_curves, say
-from minilm.training import LoopConfig, Trainer, autocast, dtype_name, resolve_device, setup_device
+from minilm.training import (LoopConfig, Precision, Trainer, autocast, dtype_name, plot_curves, resolve_device, say,
+                             setup_device)
+from tokenizer import TokenizerType
 
-METRICS = {"accuracy": "val_accuracy", "macro_f1": "val_macro_f1"}
+Metric = Literal["accuracy", "macro_f1"]    # the validation score that picks best.safetensors
+METRICS: dict[str, str] = {"accuracy": "val_accuracy", "macro_f1": "val_macro_f1"}   # -> its metrics.jsonl key
 # Peak learning rates when --lr is not given. A pretrained body needs small steps or it
 # forgets what it learned; a random one (scratch) and a lone head (--freeze-encoder) can
 # take larger ones. Values in the range the BERT papers use for models of these sizes.
 DEFAULT_LR = {"hf": 5e-5, "run": 2e-4, "scratch": 5e-4, "frozen": 1e-3}
 HF_PREFIX = "hf:"
+# A run directory's two sets of weights: after the last step, and at the best validation score
+Weights = Literal["final", "best"]
+WEIGHT_FILES: dict[str, str] = {"final": "model.safetensors", "best": "best.safetensors"}
 # BERT's finetuning recipe, where it differs from LoopConfig's pretraining defaults: linear
 # decay to 0, light weight decay, Adam's usual β2 (short runs do not need 0.95's faster forgetting)
 FINETUNE_LOOP = {"schedule": "linear", "min_lr_ratio": 0.0, "weight_decay": 0.01, "beta2": 0.999}
@@ -71,14 +77,14 @@ class FinetuneConfig:
 
     out: str
     init: str = "scratch"                 # RUN_DIR | hf:PATH | scratch
-    init_weights: str = "final"           # RUN_DIR inits: final (model.safetensors) | best
+    init_weights: Weights = "final"       # RUN_DIR inits: which of its WEIGHT_FILES
     data: str | None = None               # None -> the embedded tweets
     val: str | None = None
     val_fraction: float = 0.1
     text_col: str | None = None
     pair_col: str | None = None
     label_col: str | None = None
-    header: str = "auto"
+    header: Header = "auto"
     encoding: str = "utf-8"
     max_length: int | None = None         # None -> min(128, the model's max_seq_len)
     # scratch only: architecture and tokenizer
@@ -87,24 +93,24 @@ class FinetuneConfig:
     n_layers: int | None = None
     n_heads: int | None = None
     d_ff: int | None = None
-    norm_position: str | None = None
+    norm_position: NormPosition | None = None
     like: str | None = None               # a run directory whose architecture and tokenizer to copy
     tokenizer: str | None = None
     vocab_size: int = 4096
-    tokenizer_type: str = "bpe"
+    tokenizer_type: TokenizerType = "bpe"
     # the classifier
-    pooling: str | None = None            # None -> the model's own (cls for BERT, last for GPT)
+    pooling: Pooling | None = None        # None -> the model's own (cls for BERT, last for GPT)
     dropout: float | None = 0.1
     freeze_encoder: bool = False
     freeze_embeddings: bool = False
     token_mask: float = 0.0               # augmentation: share of text tokens corrupted per step (MLM style)
-    class_weights: str = "none"           # none | auto (inverse frequency)
-    metric: str = "accuracy"              # accuracy | macro_f1: picks best.safetensors
+    class_weights: Literal["none", "auto"] = "none"    # auto: inverse class frequency
+    metric: Metric = "accuracy"
     batch_size: int = 32
     eval_batch_size: int = 128
     epochs: float = 3.0
     device: str = "auto"
-    dtype: str = "auto"
+    dtype: Precision = "auto"
     seed: int = 0
     loop: dict = field(default_factory=dict)
 
@@ -247,7 +253,7 @@ def load_body(cfg: FinetuneConfig) -> tuple[PreTrained, TextEncoder, str]:
         unused = f", {len(report.unused)} checkpoint tensors unused" if report.unused else ""
         return source, HFTextEncoder.from_pretrained(path), f"Hugging Face {path}{unused}"
     run_dir = Path(cfg.init)
-    weights = "best.safetensors" if cfg.init_weights == "best" else "model.safetensors"
+    weights = WEIGHT_FILES[cfg.init_weights]
     source = load_model_dir(run_dir, weights)
     return source, load_text_encoder(run_dir / "tokenizer"), f"run {run_dir} ({weights})"
 
@@ -331,32 +337,39 @@ def resolve_loop(cfg: FinetuneConfig, batches_per_epoch: int) -> tuple[LoopConfi
                 else "hf" if cfg.init.startswith(HF_PREFIX) else "run")
         fields["lr"] = DEFAULT_LR[kind]
     steps_per_epoch = math.ceil(batches_per_epoch / accum)
-    if not fields.get("max_steps"):
+    if fields.get("max_steps") is None:
         fields["max_steps"] = max(1, math.ceil(cfg.epochs * steps_per_epoch))
     if fields.get("warmup_steps") is None:
         fields["warmup_steps"] = math.ceil(0.06 * fields["max_steps"])
-    if not fields.get("eval_every"):
+    if fields.get("eval_every") is None:
         fields["eval_every"] = min(steps_per_epoch, 250)
     fields.update(best_metric=METRICS[cfg.metric], best_mode="max")
     return LoopConfig(**fields), steps_per_epoch
 
 
-def check_choices(cfg: FinetuneConfig) -> None:
+def check_options(cfg: FinetuneConfig) -> None:
     """Fail on a bad option before any work (the CLI's argparse already restricts them)."""
-    for flag, value, allowed in (("--metric", cfg.metric, sorted(METRICS)),
-                                 ("--class-weights", cfg.class_weights, ["none", "auto"]),
-                                 ("--init-weights", cfg.init_weights, ["final", "best"]),
-                                 ("--pooling", cfg.pooling, [None, *POOLINGS])):
-        if value not in allowed:
-            raise MinilmError(f"{flag} {value!r}: choose one of {[a for a in allowed if a]}")
+    check_choices(cfg, MinilmError, as_flags=True)
     if not 0 <= cfg.token_mask < 1:
         raise MinilmError(f"--token-mask must be in [0, 1), got {cfg.token_mask}")
+    if cfg.dropout is not None and not 0 <= cfg.dropout < 1:
+        raise MinilmError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    for name in ("epochs", "batch_size", "eval_batch_size", "max_length"):
+        value = getattr(cfg, name)
+        if value is not None and not value > 0:
+            raise MinilmError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+    if cfg.init != "scratch":
+        scratch_only = [f"--{name.replace('_', '-')}" for name in (*SHAPE_FIELDS, "like", "tokenizer")
+                        if getattr(cfg, name) is not None]
+        if scratch_only:
+            raise MinilmError(f"{', '.join(scratch_only)}: for --init scratch only; --init {cfg.init} brings its "
+                              "own architecture and tokenizer")
 
 
 def run(cfg: FinetuneConfig) -> dict:
     """Finetune and write the run directory. Returns the summary (as in summary.json) with
     one more key, "report": the ClassificationReport of the best checkpoint."""
-    check_choices(cfg)
+    check_options(cfg)
     out = Path(cfg.out)
     new_run_dir(out)
     device, dtype = setup_device(cfg.device, cfg.dtype)
@@ -375,6 +388,9 @@ def run(cfg: FinetuneConfig) -> dict:
     max_length = cfg.max_length or min(128, model.config.max_seq_len)
     if max_length > model.config.max_seq_len:
         raise MinilmError(f"--max-length {max_length} exceeds the model's context of {model.config.max_seq_len} tokens")
+    n_special = 2 if train.pairs is None else 3             # [CLS] text [SEP] (pair [SEP])
+    if max_length <= n_special:
+        raise MinilmError(f"--max-length {max_length} leaves no room for text beside {n_special} special tokens")
     if cfg.freeze_encoder:
         freeze_encoder(model)
     if cfg.freeze_embeddings:
@@ -469,13 +485,12 @@ class FinetunedRun:
     pairs: bool                     # trained on text pairs
 
 
-def load_run(run_dir: str | Path, weights: str = "best") -> FinetunedRun:
+def load_run(run_dir: str | Path, weights: Weights = "best") -> FinetunedRun:
     """Model (eval mode, CPU), tokenizer, labels and max length of a finetune.py run."""
     run_dir = Path(run_dir)
-    if weights not in ("best", "final"):
-        raise MinilmError(f"--weights {weights!r}: choose best or final")
-    name = "best.safetensors" if weights == "best" else "model.safetensors"
-    model = load_model_dir(run_dir, name, head="classify")
+    if weights not in WEIGHT_FILES:
+        raise MinilmError(f"--weights {weights!r}: choose one of {', '.join(WEIGHT_FILES)}")
+    model = load_model_dir(run_dir, WEIGHT_FILES[weights], head="classify")
     labels = LabelSet.load(run_dir)
     train_config = json.loads((run_dir / "train_config.json").read_text())
     if len(labels) != model.config.num_labels:
@@ -495,13 +510,15 @@ def predict(run: FinetunedRun, texts: list[str], pairs: list[str] | None = None,
     if run.pairs and pairs is None:
         raise MinilmError("this model was trained on text pairs: pass --pair for every --text "
                           "(or TEXT<TAB>PAIR lines in --file)")
+    if pairs is not None and not run.pairs:
+        raise MinilmError("this model was trained on single texts: leave out --pair")
     dev = resolve_device(device)
     model = run.model.to(dev)
     encoded = run.encoder.encode(texts, pairs, run.max_length)
     return predict_logits(model, encoded, run.encoder.pad_id, batch_size, dev).softmax(-1)
 
 
-def export(run_dir: str | Path, out_dir: str | Path, weights: str = "best") -> Path:
+def export(run_dir: str | Path, out_dir: str | Path, weights: Weights = "best") -> Path:
     """Write a transformers *ForSequenceClassification directory (config with id2label /
     label2id set to the run's labels) plus the tokenizer: Hugging Face inits get their own
     tokenizer files (AutoTokenizer loads them); minilm tokenizers go to minilm_tokenizer/."""

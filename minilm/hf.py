@@ -51,20 +51,8 @@ import torch
 from torch import Tensor, nn
 
 from minilm.config import ModelConfig
-from minilm.errors import MinilmError
+from minilm.errors import MinilmError, import_transformers
 from minilm.model import HEADS, CausalLM, MaskedLM, SequenceClassifier
-
-INSTALL_HINT = "Hugging Face transformers is not installed; install it with: pip install 'minilm[hf]'"
-
-
-def _transformers():
-    """Import transformers lazily: it is an optional dependency."""
-    try:
-        import transformers
-    except ImportError as e:
-        raise MinilmError(INSTALL_HINT) from e
-    return transformers
-
 
 # --------------------------------------------------------------------------------------
 # name tables: one per family
@@ -370,7 +358,7 @@ def _check_head(family: str, head: str, config: ModelConfig) -> None:
 def config_to_hf(config: ModelConfig, head: str) -> Any:
     """ModelConfig + head ("mlm" | "clm" | "classify") -> the transformers config that builds
     the same network. Raises MinilmError when no HF class expresses it."""
-    transformers = _transformers()
+    transformers = import_transformers()
     family = family_of(config)
     _check_head(family, head, config)
     c = config
@@ -395,7 +383,7 @@ def config_to_hf(config: ModelConfig, head: str) -> Any:
         hidden_size=c.d_model, intermediate_size=c.d_ff, num_hidden_layers=c.n_layers,
         num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, head_dim=c.head_size,
         hidden_act="silu", max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+        rope_theta=c.rope_theta,        # transformers 5 moves it into rope_parameters itself; 4.x reads it as is
         attention_bias=c.bias, mlp_bias=c.bias, attention_dropout=c.attn_dropout, **common)
 
 
@@ -561,7 +549,7 @@ def to_hf(model: nn.Module, directory: str | Path | None = None, *, overwrite: b
     weights, in the same train/eval mode and dtype. With `directory`, also save_pretrained
     there (safetensors) so that transformers.AutoModelFor*.from_pretrained(directory) loads
     it; a non-empty directory is an error unless overwrite=True."""
-    transformers = _transformers()
+    transformers = import_transformers()
     head = next((h for cls, h in HEAD_OF.items() if isinstance(model, cls)), None)
     if head is None:
         raise MinilmError(f"to_hf converts MaskedLM, CausalLM or SequenceClassifier, got {type(model).__name__}")

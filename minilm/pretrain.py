@@ -15,23 +15,26 @@ For rtd: the generator's MLM loss and accuracy and the detection loss and accura
 
 from __future__ import annotations
 
-import math
+import json
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 
 from minilm import data
 from minilm.checkpoint import new_run_dir, save_model_dir, write_json
-from minilm.config import Attention, ModelConfig, preset, shape_overrides
+from minilm.config import Attention, ModelConfig, NormPosition, check_choices, preset, shape_overrides
 from minilm.errors import MinilmError
-from minilm.model import CausalLM, MaskedLM, PreTrained, ReplacedTokenDetection
-from minilm.objectives import RTD_WEIGHT, bits_per_char, mask_tokens
-from minilm.training import LoopConfig, Trainer, dtype_name, setup_device
-from tokenizer import Tokenizer
+from minilm.model import HEADS, PreTrained, ReplacedTokenDetection
+from minilm.objectives import RTD_WEIGHT, bits_per_char, mask_tokens, perplexity, summed_nll
+from minilm.training import LoopConfig, Precision, Trainer, dtype_name, plot_curves, say, setup_device
+from tokenizer import Tokenizer, TokenizerType
 
+Objective = Literal["clm", "mlm", "rtd"]     # causal LM, masked LM, replaced-token detection (ELECTRA)
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
 DEFAULT_PRESET = {"clm": "gpt-mini", "mlm": "bert-mini", "rtd": "bert-mini"}
 
 
@@ -41,23 +44,23 @@ class PretrainConfig:
 
     out: str
     data: list[str] = field(default_factory=list)
-    objective: str = "clm"
+    objective: Objective = "clm"
     preset: str | None = None
     d_model: int | None = None
     n_layers: int | None = None
     n_heads: int | None = None
     d_ff: int | None = None
-    norm_position: str | None = None
+    norm_position: NormPosition | None = None
     dropout: float = 0.0
     attention: Attention = "sdpa"
     seq_len: int = 128
     batch_size: int = 32
     vocab_size: int = 4096
-    tokenizer_type: str = "bpe"
+    tokenizer_type: TokenizerType = "bpe"
     tokenizer: str | None = None
     tokenizer_sentences: int = 1_000_000
     val_fraction: float = 0.05
-    split: str = "doc"
+    split: data.SplitMode = "doc"
     text_field: str = "text"
     mask_prob: float = 0.15
     whole_word_mask: bool = False   # mlm/rtd: mask every piece of a chosen word together
@@ -65,26 +68,56 @@ class PretrainConfig:
     eval_tokens: int = 65_536       # periodic evals score this many tokens; the final one all
     cache_dir: str | None = None
     device: str = "auto"
-    dtype: str = "auto"
+    dtype: Precision = "auto"
     seed: int = 0
     resume: bool = False
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(max_steps=1))
 
 
-def say(message: str) -> None:
-    print(message, flush=True)
+# A resumed run is the same run: it keeps the settings in its train_config.json. A command
+# line may change only these: a longer (or shorter) budget, the device, and how it reports.
+RESUME_MAY_CHANGE = ("max_steps", "max_tokens", "time_budget", "device", "compile", "progress", "log_every",
+                     "eval_every", "save_every")
+BUDGETS = ("max_steps", "max_tokens", "time_budget")
+
+
+def resumed_config(cli: PretrainConfig, given: set[str]) -> PretrainConfig:
+    """The settings of the run in cli.out (its train_config.json) with the changes this command
+    line may make. `given`: the fields (PretrainConfig's or LoopConfig's) its flags set. A flag
+    that would change anything else is an error, not silently a different run."""
+    path = Path(cli.out) / "train_config.json"
+    if not path.is_file():
+        raise MinilmError(f"--resume: {path} not found; is {cli.out} a train.py run directory?")
+    saved_fields = json.loads(path.read_text())
+    loop_fields = saved_fields.pop("loop", {})
+    try:
+        saved = PretrainConfig(**saved_fields, loop=LoopConfig(**loop_fields))
+    except TypeError as err:
+        raise MinilmError(f"{path}: {err}") from err
+    loop_names = {f.name for f in fields(LoopConfig)}
+    changes: dict = {"resume": True}
+    loop_changes: dict = {}
+    for name in sorted(given - {"out", "resume"}):
+        on_loop = name in loop_names
+        now, before = getattr(cli.loop if on_loop else cli, name), getattr(saved.loop if on_loop else saved, name)
+        if now == before:
+            continue
+        if name not in RESUME_MAY_CHANGE:
+            raise MinilmError(f"--{name.replace('_', '-')} {now} differs from this run's {before} ({path}): a "
+                              "resumed run keeps its settings; leave the flag out, or start a new run")
+        (loop_changes if on_loop else changes)[name] = now
+    if loop_changes.keys() & set(BUDGETS):     # a new budget replaces the old one whole
+        loop_changes.update({name: getattr(cli.loop, name) for name in BUDGETS})
+    return replace(saved, **changes, loop=replace(saved.loop, **loop_changes))
 
 
 def build_tokenizer(cfg: PretrainConfig, sources: list[data.Source], run_dir: Path) -> Tokenizer:
     """Reuse run_dir/tokenizer (resume) or --tokenizer DIR, else train on the training split."""
     saved = run_dir / "tokenizer"
     if (saved / "tokenizer.model").is_file():
-        return Tokenizer.load(saved)
+        return data.load_tokenizer(saved)
     if cfg.tokenizer:
-        try:
-            tok = Tokenizer.load(cfg.tokenizer)
-        except ValueError as err:
-            raise MinilmError(str(err)) from err
+        tok = data.load_tokenizer(cfg.tokenizer)
     else:
         t0 = time.perf_counter()
         texts = data.iter_split_text(sources, split="train", val_fraction=cfg.val_fraction, mode=cfg.split)
@@ -113,7 +146,7 @@ def build_model(cfg: PretrainConfig, tok: Tokenizer) -> PreTrained:
         config = config.replace(generator_layers=cfg.generator_layers)
     config = config.replace(causal=cfg.objective == "clm")     # an encoder for mlm and rtd
     torch.manual_seed(cfg.seed)
-    return {"clm": CausalLM, "mlm": MaskedLM, "rtd": ReplacedTokenDetection}[cfg.objective](config)
+    return HEADS[cfg.objective](config)
 
 
 # --------------------------------------------------------------------------------------
@@ -138,15 +171,10 @@ def clm_evaluate(cfg: PretrainConfig, prepared: data.PreparedData, tok: Tokenize
         tokens = val if final else val[:cfg.eval_tokens]
         total_nats, n_targets = 0.0, 0
         for x, y in data.eval_windows(tokens, cfg.seq_len, cfg.batch_size, context_id=tok.eos_id, pad_id=tok.pad_id):
-            logits = model(x.to(device)).logits.float()
-            y = y.to(device)
-            total_nats += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(),
-                                                            ignore_index=-100, reduction="sum").item()
-            n_targets += int((y != -100).sum())
-        if n_targets == 0:
-            raise MinilmError("the validation split is empty: raise --val-fraction or add data")
-        loss = total_nats / n_targets
-        metrics = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
+            nats, count = summed_nll(model(x.to(device)).logits, y.to(device))
+            total_nats, n_targets = total_nats + nats.item(), n_targets + count
+        loss = total_nats / max(n_targets, 1)
+        metrics = {"val_loss": loss, "val_ppl": perplexity(loss)}
         if len(tokens) == len(val):
             metrics["val_bpc"] = bits_per_char(total_nats, n_chars)
         return metrics
@@ -185,8 +213,6 @@ def mlm_batches(cfg: PretrainConfig, prepared: data.PreparedData, tok: Tokenizer
 def mlm_evaluate(cfg: PretrainConfig, prepared: data.PreparedData, tok: Tokenizer, device: torch.device):
     """Masked-token loss and accuracy on validation sequences, masked the same way every time.
     Periodic evaluations score the first eval_tokens worth of sequences; the final one all."""
-    if prepared.stats("val").tokens == 0:
-        raise MinilmError("the validation split is empty: raise --val-fraction or add data")
     batches = data.MLMBatches(prepared.tokens("val"), prepared.doc_starts("val"), cfg.seq_len,
                               cfg.batch_size, cls_id=tok.cls_id, sep_id=tok.sep_id, pad_id=tok.pad_id, seed=0)
     mask = mlm_masker(cfg, tok, seed=12345)
@@ -204,13 +230,17 @@ def mlm_evaluate(cfg: PretrainConfig, prepared: data.PreparedData, tok: Tokenize
             return rtd_metrics(model, final)
         total_nats, correct, n = 0.0, 0, 0
         for batch in validation_batches(final):
-            out = model(**batch)
             targets = batch["labels"][batch["labels"] != -100]
+            if len(targets) == 0:       # nothing masked in this batch: its mean loss would be NaN
+                continue
+            out = model(**batch)
             total_nats += out.loss.item() * len(targets)
             correct += int((out.logits.argmax(-1) == targets).sum())
             n += len(targets)
-        loss = total_nats / max(n, 1)
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "val_mlm_acc": correct / max(n, 1)}
+        if n == 0:
+            raise MinilmError("no validation token was masked: raise --mask-prob or --val-fraction")
+        loss = total_nats / n
+        return {"val_loss": loss, "val_ppl": perplexity(loss), "val_mlm_acc": correct / n}
 
     def rtd_metrics(model: ReplacedTokenDetection, final: bool) -> dict[str, float]:
         """ELECTRA: the generator's MLM loss and accuracy, the discriminator's detection loss and
@@ -219,8 +249,10 @@ def mlm_evaluate(cfg: PretrainConfig, prepared: data.PreparedData, tok: Tokenize
         sampler = torch.Generator(device=device).manual_seed(12345)
         sums = {"mlm_nats": 0.0, "mlm_correct": 0, "masked": 0, "bce": 0.0, "detected": 0, "real": 0, "replaced": 0}
         for batch in validation_batches(final):
-            out = model(**batch, sampler=sampler)
             targets = batch["labels"][batch["labels"] != -100]
+            if len(targets) == 0:
+                continue
+            out = model(**batch, sampler=sampler)
             n_real = int(out.real.sum())
             sums["mlm_nats"] += out.generator_loss.item() * len(targets)
             sums["mlm_correct"] += int((out.generator_logits.argmax(-1) == targets).sum())
@@ -246,16 +278,18 @@ def prepare_run_dir(out: Path, resume: bool) -> None:
     """A new run never writes into an existing run; --resume requires one."""
     if resume:
         if not (out / "state").is_dir() and not (out / "state.old").is_dir():
-            raise MinilmError(f"--resume: {out} has no saved state; run without --resume to start it")
+            raise MinilmError(f"--resume: {out} has no saved state (the run stopped before its first step); "
+                              "start it again with a new --out")
         return
     new_run_dir(out, hint="pass --resume to continue that run or --out a new directory")
 
 
 def run(cfg: PretrainConfig) -> dict:
-    if cfg.objective not in DEFAULT_PRESET:
-        raise MinilmError(f"--objective {cfg.objective!r}: choose clm, mlm or rtd")
+    check_choices(cfg, MinilmError, as_flags=True)
     if cfg.whole_word_mask and cfg.objective == "clm":
         raise MinilmError("--whole-word-mask is for --objective mlm or rtd: a causal LM masks nothing")
+    if not 0 < cfg.mask_prob <= 1:
+        raise MinilmError(f"--mask-prob must be in (0, 1], got {cfg.mask_prob}")
     out = Path(cfg.out)
     prepare_run_dir(out, cfg.resume)
     device, dtype = setup_device(cfg.device, cfg.dtype)
@@ -271,6 +305,8 @@ def run(cfg: PretrainConfig) -> dict:
     say(f"tokens: {prepared.train.tokens:,} train / {prepared.val.tokens:,} val "
         f"({prepared.train.chars / max(prepared.train.tokens, 1):.2f} chars per token)"
         + (" [cached]" if prepared.reused else ""))
+    if prepared.val.tokens < 2:         # found now, not after the whole budget is trained
+        raise MinilmError("the validation split is empty: raise --val-fraction or add data")
 
     model = build_model(cfg, tok).to(device)
     config: ModelConfig = model.config
@@ -283,10 +319,13 @@ def run(cfg: PretrainConfig) -> dict:
 
     if not cfg.resume:
         save_model_dir(model, out)  # config.json now, weights replaced at the end
-        write_json(out / "train_config.json", asdict(cfg))
+    write_json(out / "train_config.json", asdict(cfg))     # on resume: with the new budget, if any
     trainer = Trainer(model, get_batch, cfg.loop, out, device, dtype, evaluate=evaluate)
     if cfg.resume:
         trainer.resume()
+        if trainer.progress() >= 1:
+            raise MinilmError(f"{out} has already spent its budget (step {trainer.step}): give a larger "
+                              "--max-steps, --max-tokens or --time-budget to train it further")
         say(f"resumed at step {trainer.step}")
     prep_seconds = time.perf_counter() - wall0
     result = trainer.fit()
@@ -298,29 +337,3 @@ def run(cfg: PretrainConfig) -> dict:
     write_json(out / "summary.json", summary)
     plot_curves(out)
     return summary
-
-
-def plot_curves(run_dir: Path) -> None:
-    """loss.png with train and validation curves; skipped quietly without matplotlib."""
-    import json
-
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    train = [(r["tokens"], r["loss"]) for r in rows if "loss" in r]
-    val = [(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for points, label in ((train, "train"), (val, "validation")):
-        if points:
-            ax.plot(*zip(*points), label=label, marker="o" if label == "validation" else None)
-    ax.set_xlabel("tokens seen")
-    ax.set_ylabel("loss (nats / token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(run_dir / "loss.png", dpi=100)
-    plt.close(fig)

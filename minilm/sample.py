@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 
 from minilm.checkpoint import load_model_dir
+from minilm.cli import main_guard
+from minilm.data import load_tokenizer
 from minilm.errors import MinilmError
 from minilm.generate import check_sampling_options, fill_mask, generate
 from minilm.model import CausalLM, MaskedLM, ReplacedTokenDetection
@@ -57,13 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", default="model.safetensors",
                         help="weights file inside the run directory (e.g. best.safetensors)")
     return parser
-
-
-def load_tokenizer(run_dir: Path) -> Tokenizer:
-    try:
-        return Tokenizer.load(run_dir / "tokenizer")
-    except ValueError as err:
-        raise MinilmError(f"{err}") from err
 
 
 def sample_causal(model: CausalLM, tokenizer: Tokenizer, args: argparse.Namespace, device: torch.device) -> None:
@@ -111,7 +106,7 @@ def run(args: argparse.Namespace) -> None:
         raise MinilmError(f"run directory {args.run_dir} not found: pass the --out directory of a training run")
 
     model = load_model_dir(args.run_dir, weights_name=args.weights).to(device)
-    tokenizer = load_tokenizer(args.run_dir)
+    tokenizer = load_tokenizer(args.run_dir / "tokenizer")
     if tokenizer.vocab_size > model.config.vocab_size:
         raise MinilmError(f"{args.run_dir}/tokenizer has {tokenizer.vocab_size} ids but the model only "
                           f"{model.config.vocab_size}: the tokenizer is not the one the model was trained with")
@@ -132,12 +127,11 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 2 user error printed as one line on stderr)."""
-    try:
+    def sample() -> int:
         run(build_parser().parse_args(argv))
-    except MinilmError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return main_guard(sample)
 
 
 if __name__ == "__main__":

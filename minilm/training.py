@@ -10,25 +10,32 @@
 Batches come from `get_batch(i)`, a pure function of the micro-batch index i: resuming at
 step s needs no data-loader state, only s. Together with the saved weights, optimizer,
 grad scaler and RNG state this makes an interrupted-and-resumed run bit-identical to an
-uninterrupted one (tests/test_training.py checks it).
+uninterrupted one (tests/test_training.py checks it). Ctrl-C is held until the step in
+progress ends, then the state is saved, so an interrupted run can always be resumed.
 
-Device and precision are resolved here once (`resolve_device`, `resolve_dtype`).
+Device and precision are resolved here once (`resolve_device`, `resolve_dtype`), and the
+run's curves are read back and drawn here (`read_metrics`, `plot_curves`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from minilm.checkpoint import load_state, save_state, save_weights
+from minilm.config import check_choices
 from minilm.errors import MinilmError
 from minilm.model import PreTrained
 
@@ -64,10 +71,11 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
+def resolve_dtype(device: torch.device, name: Precision = "auto") -> torch.dtype:
     """Autocast precision. auto: bf16 where the hardware does it natively, fp16 (+ grad
     scaling) on older CUDA GPUs, fp32 otherwise. Weights and optimizer stay fp32."""
     if name != "auto":
@@ -119,7 +127,7 @@ def tune_cpu_allocator() -> bool:
     return bool(ok)
 
 
-def setup_device(device_name: str = "auto", dtype_name_: str = "auto") -> tuple[torch.device, torch.dtype]:
+def setup_device(device_name: str = "auto", dtype_name_: Precision = "auto") -> tuple[torch.device, torch.dtype]:
     """The one place a run decides where and in what precision it computes; prints it.
     On CPU it also keeps freed memory in the process (tune_cpu_allocator)."""
     device = resolve_device(device_name)
@@ -178,7 +186,10 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tupl
     return torch.optim.AdamW(param_groups, lr=lr, betas=betas, fused=fused)
 
 
-def lr_at(step: int, progress: float, max_lr: float, warmup_steps: int, schedule: str,
+Schedule = Literal["cosine", "linear", "constant"]
+
+
+def lr_at(step: int, progress: float, max_lr: float, warmup_steps: int, schedule: Schedule,
           min_lr_ratio: float) -> float:
     """Linear warmup over the first steps, then decay over training progress p in [0, 1]:
 
@@ -206,7 +217,7 @@ def lr_at(step: int, progress: float, max_lr: float, warmup_steps: int, schedule
 class LoopConfig:
     lr: float = 1e-3
     warmup_steps: int = 100
-    schedule: str = "cosine"          # cosine | linear | constant
+    schedule: Schedule = "cosine"
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -220,17 +231,29 @@ class LoopConfig:
     eval_every: int = 0               # steps; 0 -> only at the end
     save_every: int = 0               # steps between resume states; 0 -> only at the end
     best_metric: str = "val_loss"
-    best_mode: str = "min"            # min | max
+    best_mode: Literal["min", "max"] = "min"
     patience: int = 0                 # early stopping after this many evals without improvement
     layer_lr_decay: float = 1.0       # < 1: lower layers learn slower (make_optimizer)
     compile: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if not (self.max_steps or self.max_tokens or self.time_budget):
+        check_choices(self, MinilmError, as_flags=True)
+        budgets = {"max_steps": self.max_steps, "max_tokens": self.max_tokens, "time_budget": self.time_budget}
+        if all(b is None for b in budgets.values()):
             raise MinilmError("no training budget: give --max-steps, --max-tokens or --time-budget")
-        if self.grad_accum < 1:
-            raise MinilmError("--grad-accum must be >= 1")
+        positive = {**{name: value for name, value in budgets.items() if value is not None},
+                    "lr": self.lr, "grad_accum": self.grad_accum, "log_every": self.log_every}
+        non_negative = {"warmup_steps": self.warmup_steps, "eval_every": self.eval_every, "save_every": self.save_every,
+                        "patience": self.patience, "weight_decay": self.weight_decay, "grad_clip": self.grad_clip}
+        for name, value in positive.items():
+            if not value > 0:       # "not >" also catches NaN
+                raise MinilmError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+        for name, value in non_negative.items():
+            if not value >= 0:
+                raise MinilmError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise MinilmError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not 0 < self.layer_lr_decay <= 1:
             raise MinilmError(f"--layer-lr-decay must be in (0, 1], got {self.layer_lr_decay}")
 
@@ -244,6 +267,37 @@ def format_metric(name: str, value: float) -> str:
     if name.endswith(("acc", "accuracy")):
         return f"{name} {value:.1%}"
     return f"{name} {value:.0f}" if name == "tok_per_s" else f"{name} {value:.4g}"
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during Trainer.fit, raised once the step in progress has finished and the
+    resume state is saved (a second Ctrl-C stops at once, without saving)."""
+
+    def __init__(self, run_dir: Path, step: int):
+        super().__init__(f"interrupted at step {step}")
+        self.run_dir, self.step = run_dir, step
+
+
+@contextmanager
+def deferred_interrupt() -> Iterator[threading.Event]:
+    """While inside, the first Ctrl-C (SIGINT) only sets the yielded event; the loop checks
+    it between steps, so an interrupted run stops with a consistent state it can save."""
+    requested = threading.Event()
+
+    def on_sigint(signum, frame):
+        if requested.is_set():
+            raise KeyboardInterrupt
+        requested.set()
+
+    try:
+        previous = signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:          # not the main thread, where Ctrl-C is delivered: nothing to defer
+        yield requested
+        return
+    try:
+        yield requested
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class Trainer:
@@ -288,8 +342,7 @@ class Trainer:
         # drop log lines written after the state was saved: they will be written again
         metrics = self.run_dir / "metrics.jsonl"
         if metrics.exists():
-            rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-            self.history = [r for r in rows if r["step"] <= self.step]
+            self.history = [r for r in read_metrics(self.run_dir) if r["step"] <= self.step]
             metrics.write_text("".join(json.dumps(r) + "\n" for r in self.history))
 
     def save(self) -> None:
@@ -360,40 +413,12 @@ class Trainer:
 
     # ---- the loop ---------------------------------------------------------------------------
     def fit(self) -> dict:
-        """Train until the budget is spent; returns the final metrics."""
+        """Train until the budget is spent (or early stopping); returns the final metrics."""
         loop = self.loop
         bar = tqdm(total=100, initial=round(100 * self.progress(), 1), disable=not loop.progress, mininterval=1.0,
                    bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}<{remaining}{postfix}]", dynamic_ncols=True)
-        window_loss, window_tokens, window_time = 0.0, 0, 0.0
-        stop_reason = "budget"
-        while self.progress() < 1.0:
-            t0, tokens0 = time.perf_counter(), self.tokens
-            loss, lr = self.train_step()
-            if not math.isfinite(loss):
-                raise MinilmError(f"loss became {loss} at step {self.step}: lower --lr or use --dtype fp32")
-            elapsed = time.perf_counter() - t0
-            self.train_seconds += elapsed
-            window_loss, window_tokens, window_time = window_loss + loss, window_tokens + self.tokens - tokens0, window_time + elapsed
-            row = None
-            if self.step % loop.log_every == 0:
-                steps_in_window = loop.log_every
-                row = {"step": self.step, "tokens": self.tokens, "lr": lr, "loss": window_loss / steps_in_window,
-                       "tok_per_s": window_tokens / max(window_time, 1e-9), "train_seconds": self.train_seconds}
-                bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tok_per_s']:.0f}")
-                window_loss, window_tokens, window_time = 0.0, 0, 0.0
-            if loop.eval_every and self.step % loop.eval_every == 0 and self.progress() < 1.0:
-                metrics = self.evaluate()
-                row = {**(row or {"step": self.step, "tokens": self.tokens, "lr": lr}), **metrics}
-                if loop.patience and self.evals_without_improvement >= loop.patience:
-                    stop_reason = f"early stop: {loop.best_metric} did not improve in {loop.patience} evaluations"
-            if row is not None:
-                self.log(row)
-            bar.n = round(min(100.0, 100 * self.progress()), 1)
-            bar.refresh()
-            if loop.save_every and self.step % loop.save_every == 0:
-                self.save()
-            if stop_reason != "budget":
-                break
+        with deferred_interrupt() as interrupt:
+            stop_reason = self.train_until_done(bar, interrupt)
         bar.close()
         final = self.evaluate(final=True)
         self.log({"step": self.step, "tokens": self.tokens, "lr": lr_at(self.step, self.progress(), loop.lr,
@@ -403,3 +428,79 @@ class Trainer:
         return {"stop_reason": stop_reason, "steps": self.step, "tokens": self.tokens,
                 "train_seconds": round(self.train_seconds, 2), "best": self.best, **final}
 
+    def train_until_done(self, bar: tqdm, interrupt: threading.Event) -> str:
+        """Steps, with a log row every log_every steps and an evaluation every eval_every, until
+        the budget is spent; returns why it stopped. On Ctrl-C it saves the state and raises Interrupted."""
+        loop = self.loop
+        window_loss, window_steps, window_tokens, window_time = 0.0, 0, 0, 0.0
+        while self.progress() < 1.0:
+            t0, tokens0 = time.perf_counter(), self.tokens
+            loss, lr = self.train_step()
+            if not math.isfinite(loss):
+                raise MinilmError(f"loss became {loss} at step {self.step}: lower --lr or use --dtype fp32")
+            elapsed = time.perf_counter() - t0
+            self.train_seconds += elapsed
+            window_loss, window_steps = window_loss + loss, window_steps + 1
+            window_tokens, window_time = window_tokens + self.tokens - tokens0, window_time + elapsed
+            row = None
+            if self.step % loop.log_every == 0:     # (a resumed run's first window may be shorter)
+                row = {"step": self.step, "tokens": self.tokens, "lr": lr, "loss": window_loss / window_steps,
+                       "tok_per_s": window_tokens / max(window_time, 1e-9), "train_seconds": self.train_seconds}
+                bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tok_per_s']:.0f}")
+                window_loss, window_steps, window_tokens, window_time = 0.0, 0, 0, 0.0
+            stop_reason = None
+            if loop.eval_every and self.step % loop.eval_every == 0 and self.progress() < 1.0:
+                metrics = self.evaluate()
+                row = {**(row or {"step": self.step, "tokens": self.tokens, "lr": lr}), **metrics}
+                if loop.patience and self.evals_without_improvement >= loop.patience:
+                    stop_reason = f"early stop: {loop.best_metric} did not improve in {loop.patience} evaluations"
+            if row is not None:
+                self.log(row)
+            bar.n = round(min(100.0, 100 * self.progress()), 1)
+            bar.refresh()
+            if interrupt.is_set():
+                bar.close()
+                self.save()
+                raise Interrupted(self.run_dir, self.step)
+            if loop.save_every and self.step % loop.save_every == 0:
+                self.save()
+            if stop_reason:
+                return stop_reason
+        return "budget"
+
+
+# --------------------------------------------------------------------------------------
+# reporting: what both scripts print and draw
+# --------------------------------------------------------------------------------------
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl: one dict per logged step."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def plot_curves(run_dir: Path) -> None:
+    """loss.png with train and validation curves; skipped quietly without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = read_metrics(run_dir)
+    train = [(r["tokens"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for points, label in ((train, "train"), (val, "validation")):
+        if points:
+            ax.plot(*zip(*points), label=label, marker="o" if label == "validation" else None)
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("loss (nats / token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "loss.png", dpi=100)
+    plt.close(fig)

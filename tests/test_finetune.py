@@ -270,6 +270,8 @@ def test_scratch_learns_the_task_then_predicts(task, tmp_path, capsys):
     assert finetune.main(["predict", str(out), "--file", str(texts)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and lines[0].startswith("pos") and lines[1].startswith("neg")
+    assert main_guard(lambda: finetune.main(["predict", str(out), "--text", "good", "--pair", "story"])) == 2
+    assert "trained on single texts: leave out --pair" in capsys.readouterr().err
 
     # the same flags again: a new run never writes into an existing one
     code = main_guard(lambda: finetune.main(["--data", str(train_csv), "--out", str(out), "--max-steps", "1"]))
@@ -466,6 +468,12 @@ def test_finetune_from_a_hugging_face_directory(task, tmp_path):
     (["--init", "NOT_A_RUN"], "minilm run directory"),
     (["--val-fraction", "1.5"], "between 0 and 1"),
     (["predict", "NOT_A_RUN", "--text", "x"], "not found"),
+    (["--init", "NOT_A_RUN", "--d-model", "64", "--like", "NOT_A_RUN"],
+     "--d-model, --like: for --init scratch only"),
+    (["--epochs", "0"], "--epochs must be > 0, got 0"),
+    (["--eval-batch-size", "0"], "--eval-batch-size must be > 0"),
+    (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
+    (["--max-length", "2"], "--max-length 2 leaves no room for text"),
 ])
 def test_cli_errors_are_one_line_exit_2(task, tmp_path, capsys, args, expected):
     args = [a.replace("MISSING", str(tmp_path / "missing")).replace("NOT_A_RUN", str(tmp_path / "none"))

@@ -52,7 +52,7 @@ def hf_config(family: str, attn: str = "eager"):
     return transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                     num_attention_heads=4, num_key_value_heads=2,  # GQA
                                     max_position_embeddings=64, tie_word_embeddings=False,
-                                    rope_parameters={"rope_type": "default", "rope_theta": 500.0},
+                                    rope_theta=500.0,    # transformers 5 files it under rope_parameters
                                     **common)
 
 

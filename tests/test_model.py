@@ -1,6 +1,8 @@
 """The model's contract: config round-trip, shapes, masks, heads, losses, init, sizes."""
 
+import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -8,8 +10,9 @@ import torch.nn.functional as F
 
 from minilm import PRESETS, CausalLM, MaskedLM, ModelConfig, SequenceClassifier, preset
 from minilm.attention import build_keep_mask
-from minilm.checkpoint import load_model_dir, save_model_dir
+from minilm.checkpoint import load_model_dir, save_model_dir, save_state
 from minilm.config import ATTENTIONS, POOLINGS, choice_fields
+from minilm.errors import MinilmError
 from minilm.model import ReplacedTokenDetection, pool
 from minilm.objectives import RTD_WEIGHT, linear_cross_entropy, mask_tokens, replace_with_samples
 
@@ -50,6 +53,15 @@ def test_config_choice_fields_take_only_their_listed_values(name):
         assert getattr(ModelConfig(**{name: value}), name) == value
     with pytest.raises(ValueError, match=f"{name}='nonsense'; choose one of"):
         ModelConfig(**{name: "nonsense"})
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("n_heads", 0, "n_heads=0 must be > 0"), ("d_model", -8, "d_model=-8 must be > 0"),
+    ("dropout", 1.5, r"dropout=1.5 must be in \[0, 1\)"), ("attn_dropout", -0.1, "attn_dropout=-0.1 must be")])
+def test_config_rejects_sizes_and_rates_out_of_range(field, value, message):
+    """Named in one line, before a division by zero or a torch error deep in a constructor."""
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**{field: value})
 
 
 def test_gpt2_small_has_gpt2_parameter_count():
@@ -344,6 +356,32 @@ def test_electra_save_and_load_keeps_the_sharing(tmp_path):
         a = model(masked, attention_mask, labels=labels, sampler=torch.Generator().manual_seed(0))
         b = loaded(masked, attention_mask, labels=labels, sampler=torch.Generator().manual_seed(0))
     assert torch.equal(a.loss, b.loss)
+
+
+def test_a_run_directory_of_another_kind_is_a_clear_error(tmp_path):
+    save_model_dir(MaskedLM(tiny("bert-mini")), tmp_path / "mlm")
+    with pytest.raises(MinilmError, match="mlm holds a MaskedLM .config.json., not a SequenceClassifier"):
+        load_model_dir(tmp_path / "mlm", head="classify")
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    (hf_dir / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 32}))
+    with pytest.raises(MinilmError, match="is a Hugging Face model directory.*--init hf:"):
+        load_model_dir(hf_dir)
+    save_model_dir(CausalLM(tiny("gpt-mini")), tmp_path / "clm")
+    (tmp_path / "clm" / "model.safetensors").replace(tmp_path / "mlm" / "model.safetensors")
+    with pytest.raises(MinilmError, match="does not fit the model of its config.json"):
+        load_model_dir(tmp_path / "mlm")
+
+
+def test_saving_the_state_after_a_crash_mid_swap_keeps_a_whole_state(tmp_path):
+    """A crash after state.tmp/ became state/ but before state.old/ was removed leaves both;
+    the next save must still succeed (it used to fail renaming state/ onto state.old/)."""
+    model = CausalLM(tiny("gpt-mini"))
+    save_state(tmp_path, model, {"step": 1})
+    shutil.copytree(tmp_path / "state", tmp_path / "state.old")     # the crash's leftovers
+    save_state(tmp_path, model, {"step": 2})
+    assert torch.load(tmp_path / "state" / "trainer.pt", weights_only=True) == {"step": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state"]
 
 
 @pytest.mark.parametrize("name", ["bert-mini", "gpt-mini", "llama-tiny"])

@@ -1,7 +1,9 @@
 """train.py end to end on tiny generated text: both objectives, resume, errors."""
 
 import json
+import os
 import random
+import signal
 
 import pytest
 
@@ -112,6 +114,48 @@ def test_interrupted_then_resumed_run_matches_the_uninterrupted_one(corpus, tmp_
         return [(r["step"], r.get("loss"), r.get("val_loss")) for r in rows]
 
     assert curve(broken) == curve(straight)
+
+
+def test_ctrl_c_then_resume_with_only_out_continues_the_run_as_saved(corpus, tmp_path, monkeypatch, capsys):
+    """What the Ctrl-C message says to type is enough: --resume --out RUN_DIR, no other flag."""
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    args = ("--max-steps", "8", "--save-every", "100", "--lr", "3e-3")
+    assert train.main(tiny_args(corpus, straight, "mlm", *args)) == 0
+    original = data.MLMBatches.batch
+
+    def ctrl_c_at_step_5(self, step):
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, step)
+
+    monkeypatch.setattr(data.MLMBatches, "batch", ctrl_c_at_step_5)
+    assert main_guard(lambda: train.main(tiny_args(corpus, broken, "mlm", *args)), resumable=True) == 130
+    assert capsys.readouterr().err == (f"interrupted at step 6: the state is saved in {broken}/state; "
+                                       f"continue with --resume --out {broken}\n")
+    monkeypatch.setattr(data.MLMBatches, "batch", original)
+    assert train.main(["--resume", "--out", str(broken)]) == 0
+
+    def curve(run):
+        rows = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+        return [(r["step"], r.get("loss"), r.get("val_loss")) for r in rows]
+
+    assert curve(broken) == curve(straight)
+
+
+def test_resume_keeps_the_runs_settings_and_takes_only_a_new_budget(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(tiny_args(corpus, out, "clm", "--max-steps", "3")) == 0
+    before = (out / "model.safetensors").read_bytes()
+    for flags, message in ((["--lr", "0.5"], "--lr 0.5 differs from this run's 0.002"),
+                           (["--seq-len", "16"], "--seq-len 16 differs from this run's 32"),
+                           ([], "has already spent its budget (step 3)")):
+        assert main_guard(lambda: train.main(["--out", str(out), "--resume", *flags])) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert (out / "model.safetensors").read_bytes() == before
+    assert train.main(["--out", str(out), "--resume", "--max-steps", "5"]) == 0      # train it further
+    assert json.loads((out / "summary.json").read_text())["steps"] == 5
+    assert json.loads((out / "train_config.json").read_text())["loop"]["max_steps"] == 5
 
 
 def test_existing_run_is_not_overwritten(corpus, tmp_path, capsys):

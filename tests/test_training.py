@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import signal
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ from safetensors.torch import load_file
 
 from minilm import CausalLM, preset
 from minilm.errors import MinilmError
-from minilm.training import LoopConfig, Trainer, layer_of, lr_at, make_optimizer, resolve_dtype
+from minilm.training import Interrupted, LoopConfig, Trainer, layer_of, lr_at, make_optimizer, resolve_dtype
 
 
 def tiny_model(seed: int = 0) -> CausalLM:
@@ -79,6 +81,17 @@ def test_needs_a_budget():
         LoopConfig()
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("max_steps", 0, "--max-steps must be > 0, got 0"), ("time_budget", -5.0, "--time-budget must be > 0"),
+    ("lr", float("nan"), "--lr must be > 0, got nan"), ("log_every", 0, "--log-every must be > 0"),
+    ("warmup_steps", -1, "--warmup-steps must be >= 0"), ("patience", -2, "--patience must be >= 0"),
+    ("min_lr_ratio", 1.5, r"--min-lr-ratio must be in \[0, 1\]")])
+def test_out_of_range_settings_are_one_line_errors(field, value, message):
+    """A negative budget would train forever, log_every 0 would divide by zero: caught up front."""
+    with pytest.raises(MinilmError, match=message):
+        LoopConfig(**{"max_steps": 10, field: value})
+
+
 def test_dtype_resolution():
     cpu = torch.device("cpu")
     assert resolve_dtype(cpu, "fp32") == torch.float32
@@ -87,12 +100,14 @@ def test_dtype_resolution():
         resolve_dtype(cpu, "fp16")
 
 
-def run(tmp_path, steps, resume=False, interrupt_at=None, evaluate=None):
+def run(tmp_path, steps, resume=False, interrupt_at=None, evaluate=None, ctrl_c_at=None):
     loop = LoopConfig(lr=3e-3, warmup_steps=3, max_steps=steps, log_every=1, save_every=4, progress=False)
 
     def batches(i):
         if interrupt_at is not None and i == interrupt_at:
             raise KeyboardInterrupt
+        if ctrl_c_at is not None and i == ctrl_c_at:
+            os.kill(os.getpid(), signal.SIGINT)      # the user presses Ctrl-C while batch i is read
         return get_batch(i)
 
     trainer = Trainer(tiny_model(), batches, loop, tmp_path, torch.device("cpu"), torch.float32, evaluate)
@@ -123,6 +138,22 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert losses(broken) == losses(straight)          # identical curve, bit for bit
     a, b = load_file(straight / "model.safetensors"), load_file(broken / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ctrl_c_finishes_the_step_saves_the_state_and_resumes_exactly(tmp_path):
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    straight.mkdir(), broken.mkdir()
+    run(straight, 12)
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(Interrupted) as stop:
+        run(broken, 12, ctrl_c_at=5)                 # Ctrl-C during step 6; the last periodic save was at 4
+    assert signal.getsignal(signal.SIGINT) is handler          # Ctrl-C behaves as before outside fit()
+    assert (stop.value.step, stop.value.run_dir) == (6, broken)
+    assert torch.load(broken / "state" / "trainer.pt", weights_only=True)["step"] == 6
+    run(broken, 12, resume=True)
+    assert losses(broken) == losses(straight)
+    a, b = load_file(straight / "model.safetensors"), load_file(broken / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_best_checkpoint_and_early_stopping(tmp_path):

@@ -8,6 +8,6 @@
 This package is independent of ``minilm`` (it imports nothing from it).
 """
 
-from .sentencepiece_tokenizer import SPECIAL_TOKEN_IDS, SPECIAL_TOKENS, Tokenizer
+from .sentencepiece_tokenizer import SPECIAL_TOKEN_IDS, SPECIAL_TOKENS, TOKENIZER_TYPES, Tokenizer, TokenizerType
 
-__all__ = ["Tokenizer", "SPECIAL_TOKENS", "SPECIAL_TOKEN_IDS"]
+__all__ = ["Tokenizer", "TokenizerType", "TOKENIZER_TYPES", "SPECIAL_TOKENS", "SPECIAL_TOKEN_IDS"]

@@ -61,7 +61,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence, Union
+from typing import Any, Iterable, Iterator, Literal, Sequence, Union, get_args
 
 import sentencepiece as spm
 
@@ -81,6 +81,10 @@ MAX_SENTENCE_BYTES = 4192
 _READ_CHUNK_CHARS = 1 << 20
 
 _SPACE_SYMBOL = "\u2581"  # "▁": SentencePiece's stand-in for " "
+
+# SentencePiece's two subword algorithms (see the module docstring)
+TokenizerType = Literal["bpe", "unigram"]
+TOKENIZER_TYPES: tuple[str, ...] = get_args(TokenizerType)
 
 PathLike = Union[str, os.PathLike]
 Source = Union[PathLike, Sequence[PathLike], Iterable[str]]
@@ -212,7 +216,7 @@ class Tokenizer:
     serialized SentencePiece model bytes.
     """
 
-    def __init__(self, model_proto: bytes, model_type: str | None = None) -> None:
+    def __init__(self, model_proto: bytes, model_type: TokenizerType | None = None) -> None:
         self._sp = spm.SentencePieceProcessor()
         self._sp.LoadFromSerializedProto(model_proto)  # raises on corrupt bytes
         self._model_proto = model_proto
@@ -238,7 +242,7 @@ class Tokenizer:
         cls,
         source: Source,
         vocab_size: int = 8000,
-        model_type: str = "unigram",
+        model_type: TokenizerType = "unigram",
         max_sentences: int = 2_000_000,
         seed: int = 0,
     ) -> "Tokenizer":
@@ -256,7 +260,7 @@ class Tokenizer:
                 bounds its memory whatever the corpus size.
             seed: seeds that sampling, so training is reproducible.
         """
-        if model_type not in ("unigram", "bpe"):
+        if model_type not in TOKENIZER_TYPES:
             raise ValueError(f"model_type must be 'unigram' or 'bpe', got {model_type!r}")
         min_vocab = len(SPECIAL_TOKENS) + 256 + 1
         if not isinstance(vocab_size, int) or vocab_size < min_vocab:

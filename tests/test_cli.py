@@ -1,0 +1,45 @@
+"""The command lines' choice flags and the config dataclasses behind them list the same values.
+
+Each choice is written once, as a Literal type on a config field; argparse reads its
+choices from there (minilm.cli.choices) and the config checks a value built in Python
+against the same type (minilm.config.check_choices)."""
+
+import pytest
+
+import finetune
+import train
+from minilm import pretrain
+from minilm.config import choice_fields
+from minilm.errors import MinilmError
+from minilm.finetune import FinetuneConfig
+from minilm.pretrain import PretrainConfig
+from minilm.training import LoopConfig
+
+
+@pytest.mark.parametrize("script, settings", [(train, PretrainConfig), (finetune, FinetuneConfig)],
+                         ids=["train.py", "finetune.py"])
+def test_each_choice_flag_takes_exactly_the_values_its_config_type_lists(script, settings, capsys):
+    fields = {**choice_fields(settings), "schedule": choice_fields(LoopConfig)["schedule"]}
+    assert {"dtype", "norm_position", "tokenizer_type", "schedule"} <= set(fields)
+    for name, allowed in fields.items():
+        flag = "--" + name.replace("_", "-")
+        for value in allowed:
+            if value is None:           # the flag left out
+                continue
+            parsed = script.parse_args([flag, value])
+            loop = parsed.loop if isinstance(parsed.loop, dict) else vars(parsed.loop)
+            assert (loop[name] if name == "schedule" else getattr(parsed, name)) == value, flag
+        with pytest.raises(SystemExit) as exit_:
+            script.parse_args([flag, "nonsense"])
+        assert exit_.value.code == 2
+        assert f"argument {flag}: invalid choice: 'nonsense'" in capsys.readouterr().err
+
+
+def test_configs_built_in_python_reject_an_unlisted_choice_before_any_work(tmp_path):
+    with pytest.raises(MinilmError, match=r"^--objective 'bert'; choose one of clm, mlm, rtd$"):
+        pretrain.run(PretrainConfig(out=str(tmp_path / "pretrain"), objective="bert"))
+    with pytest.raises(MinilmError, match=r"^--pooling 'avg'; choose one of cls, mean, max, last$"):
+        finetune.run(FinetuneConfig(out=str(tmp_path / "finetune"), pooling="avg"))
+    with pytest.raises(MinilmError, match=r"^--schedule 'cosin'; choose one of cosine, linear, constant$"):
+        LoopConfig(max_steps=1, schedule="cosin")
+    assert not any(tmp_path.iterdir())

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import get_args
 
-from minilm.cli import HelpFormatter, add_machine_flags, add_shape_flags, choices, main_guard
+from minilm.cli import HelpFormatter, add_machine_flags, add_shape_flags, choices, config_from_args, main_guard
 from minilm.config import PRESETS
 from minilm.errors import MinilmError
 from minilm.finetune import DEFAULT_LR, FINETUNE_LOOP, FinetuneConfig, Weights, export, load_run, predict, run
@@ -109,18 +109,8 @@ def parse_args(argv: list[str] | None) -> FinetuneConfig:
                 max_steps=args.max_steps, time_budget=args.time_budget, log_every=args.log_every,
                 eval_every=args.eval_every, patience=args.patience, compile=args.compile,
                 progress=not args.no_progress)
-    return FinetuneConfig(
-        out=args.out or f"runs/finetune-{time.strftime('%Y%m%d-%H%M%S')}", init=args.init,
-        init_weights=args.init_weights, data=args.data, val=args.val, val_fraction=args.val_fraction,
-        text_col=args.text_col, pair_col=args.text_pair_col, label_col=args.label_col, header=args.header,
-        encoding=args.encoding, max_length=args.max_length, preset=args.preset, d_model=args.d_model,
-        n_layers=args.n_layers, n_heads=args.n_heads, d_ff=args.d_ff, norm_position=args.norm_position,
-        like=args.like, tokenizer=args.tokenizer,
-        vocab_size=args.vocab_size, tokenizer_type=args.tokenizer_type, pooling=args.pooling,
-        dropout=args.dropout, freeze_encoder=args.freeze_encoder, token_mask=args.token_mask,
-        freeze_embeddings=args.freeze_embeddings, class_weights=args.class_weights,
-        metric=args.metric, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
-        epochs=args.epochs, device=args.device, dtype=args.dtype, seed=args.seed, loop=loop)
+    return config_from_args(FinetuneConfig, args, out=args.out or f"runs/finetune-{time.strftime('%Y%m%d-%H%M%S')}",
+                            pair_col=args.text_pair_col, loop=loop)
 
 
 def train_main(argv: list[str]) -> int:

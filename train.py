@@ -16,7 +16,7 @@ import argparse
 import sys
 import time
 
-from minilm.cli import HelpFormatter, add_machine_flags, add_shape_flags, choices, main_guard
+from minilm.cli import HelpFormatter, add_machine_flags, add_shape_flags, choices, config_from_args, main_guard
 from minilm.config import PRESETS
 from minilm.pretrain import PretrainConfig, resumed_config, run
 from minilm.training import LoopConfig
@@ -88,16 +88,7 @@ def parse_args(argv: list[str] | None) -> PretrainConfig:
                       time_budget=args.time_budget, log_every=args.log_every, eval_every=args.eval_every,
                       save_every=args.save_every, compile=args.compile, progress=not args.no_progress)
     out = args.out or f"runs/{args.objective}-{time.strftime('%Y%m%d-%H%M%S')}"
-    cfg = PretrainConfig(
-        out=out, data=args.data, objective=args.objective, preset=args.preset, d_model=args.d_model,
-        n_layers=args.n_layers, n_heads=args.n_heads, d_ff=args.d_ff, norm_position=args.norm_position,
-        dropout=args.dropout,
-        attention=args.attention, seq_len=args.seq_len, batch_size=args.batch_size, vocab_size=args.vocab_size,
-        tokenizer_type=args.tokenizer_type, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
-        split=args.split, text_field=args.text_field, mask_prob=args.mask_prob, whole_word_mask=args.whole_word_mask,
-        generator_layers=args.generator_layers, eval_tokens=args.eval_tokens,
-        cache_dir=args.cache_dir, device=args.device, dtype=args.dtype, seed=args.seed, resume=args.resume,
-        loop=loop)
+    cfg = config_from_args(PretrainConfig, args, out=out, loop=loop)
     return resumed_config(cfg, given) if args.resume else cfg
 
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
-from minilm.config import ModelConfig
+from minilm.config import Attention, ModelConfig
 
 
 # --------------------------------------------------------------------------------------
@@ -223,7 +223,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: Tensor, keep: Tensor | None, is_causal: bool,
                 rope: tuple[Tensor, Tensor] | None = None, cache: KVCache | None = None,
-                attention: str = "sdpa", rows: Tensor | None = None) -> Tensor:
+                attention: Attention = "sdpa", rows: Tensor | None = None) -> Tensor:
         """x (B, T, d) -> (B, T, d); with `rows` (B, M), only the queries at those positions
         are computed (keys and values still come from all T) -> (B, M, d). `keep` must then
         already be the mask of those M query rows."""

@@ -441,10 +441,10 @@ class EncodedTexts:
 
 
 class TextEncoder(Protocol):
-    """What batching needs from a tokenizer. `kind` is "minilm" or "hf"; mask_id is None
-    for a tokenizer without a mask token (GPT-2)."""
+    """What batching needs from a tokenizer: minilm's own or a Hugging Face one. mask_id is
+    None for a tokenizer without a mask token (GPT-2)."""
 
-    kind: str
+    kind: Literal["minilm", "hf"]
     pad_id: int
     mask_id: int | None
     special_ids: list[int]

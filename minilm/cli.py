@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable
-from typing import get_args
+from typing import TypeVar, get_args
 
-from minilm.config import ModelConfig, choice_fields
+from minilm.config import SHAPE_FIELDS, ModelConfig, choice_fields
 from minilm.errors import MinilmError
 from minilm.training import Interrupted, Precision
 
@@ -39,13 +40,26 @@ def choices(settings: type, name: str) -> tuple[str, ...]:
     return tuple(v for v in choice_fields(settings)[name] if v is not None)
 
 
+Settings = TypeVar("Settings")
+
+
+def config_from_args(settings: type[Settings], args: argparse.Namespace, **given) -> Settings:
+    """The config dataclass `settings` with every field read from the flag of the same name;
+    `given` sets the others (fields with neither keep their default)."""
+    from_flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(settings)
+                  if f.name not in given and hasattr(args, f.name)}
+    return settings(**from_flags, **given)
+
+
 def add_shape_flags(group: argparse._ArgumentGroup, note: str) -> None:
-    """--d-model, --n-layers, --n-heads, --d-ff, --norm-position: the preset's shape, changed."""
-    for name in ("d-model", "n-layers", "n-heads", "d-ff"):
-        group.add_argument(f"--{name}", type=int, default=None, help=note)
-    group.add_argument("--norm-position", choices=choices(ModelConfig, "norm_position"), default=None,
-                       help=f"{note}: normalise each sublayer's input (pre-LN: GPT-2, Llama; trains stably at "
-                            "high learning rates) or the residual sum (post-LN: BERT)")
+    """--d-model, --n-layers, --n-heads, --d-ff, --norm-position (SHAPE_FIELDS): the preset's shape, changed."""
+    for name in SHAPE_FIELDS:
+        if name == "norm_position":
+            group.add_argument("--norm-position", choices=choices(ModelConfig, name), default=None,
+                               help=f"{note}: normalise each sublayer's input (pre-LN: GPT-2, Llama; trains "
+                                    "stably at high learning rates) or the residual sum (post-LN: BERT)")
+        else:
+            group.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help=note)
 
 
 def add_machine_flags(group: argparse._ArgumentGroup) -> None:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from minilm.attention import (ATTENTION, KVCache, SelfAttention, build_keep_mask, dropout, keep_for_rows,
                               rope_tables)
-from minilm.config import ModelConfig
+from minilm.config import Attention, ModelConfig, Pooling
 from minilm.objectives import (IGNORE_INDEX, RTD_WEIGHT, linear_cross_entropy,  # IGNORE_INDEX: a label with no loss
                                replace_with_samples)
 
@@ -98,7 +98,7 @@ class Block(nn.Module):
         self.dropout = Dropout(config.dropout)
 
     def forward(self, x: Tensor, keep: Tensor | None, is_causal: bool, rope: tuple[Tensor, Tensor] | None,
-                cache: KVCache | None, attention: str, rows: Tensor | None = None) -> Tensor:
+                cache: KVCache | None, attention: Attention, rows: Tensor | None = None) -> Tensor:
         """x (B, T, d) -> (B, T, d), or (B, M, d) for only the positions `rows` (B, M)."""
         # with rows, the residual stream continues at those positions only
         residual = x if rows is None else take_rows(x, rows)
@@ -159,7 +159,7 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 token_type_ids: Tensor | None = None, position_ids: Tensor | None = None,
-                cache: KVCache | None = None, attention: str | None = None,
+                cache: KVCache | None = None, attention: Attention | None = None,
                 rows: Tensor | None = None) -> Tensor:
         """input_ids (B, T); attention_mask (B, S) 1 = real token (S = cached + T);
         position_ids (B, T), default past_length + 0 … T-1; attention "sdpa"|"manual"
@@ -187,6 +187,7 @@ class Transformer(nn.Module):
         if attention_mask is not None:
             attention_mask = drop_full_mask(attention_mask)
         square_causal = config.causal and attention_mask is None and past == 0
+        # one new query after a cached prefix (T == 1) may see every key: no causal mask to build
         keep = None if square_causal else build_keep_mask(attention_mask, T, S, config.causal and T > 1,
                                                            input_ids.device)
 
@@ -198,10 +199,11 @@ class Transformer(nn.Module):
 
         x = self.embeddings(input_ids, position_ids, token_type_ids)           # (B, T, d)
         for i, block in enumerate(self.blocks):
-            if rows is not None and i == len(self.blocks) - 1:
-                x = block(x, keep_for_rows(keep, square_causal, rows, T, S), False, rope, cache, attention, rows)
+            if rows is not None and i == len(self.blocks) - 1:     # the last block: only the rows asked for
+                x = block(x, keep=keep_for_rows(keep, square_causal, rows, T, S), is_causal=False, rope=rope,
+                          cache=cache, attention=attention, rows=rows)
             else:
-                x = block(x, keep, square_causal, rope, cache, attention)
+                x = block(x, keep=keep, is_causal=square_causal, rope=rope, cache=cache, attention=attention)
         if rows is not None and len(self.blocks) == 0:
             x = take_rows(x, rows)
         if cache is not None:
@@ -295,7 +297,7 @@ class MaskedLM(PreTrained):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 token_type_ids: Tensor | None = None, labels: Tensor | None = None,
-                attention: str | None = None) -> ModelOutput:
+                attention: Attention | None = None) -> ModelOutput:
         """labels (B, T): original ids at masked positions, -100 elsewhere. With labels,
         logits are (N_masked, V) in row-major order of the masked positions; without,
         (B, T, V)."""
@@ -321,7 +323,7 @@ class CausalLM(PreTrained):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 labels: Tensor | None = None, position_ids: Tensor | None = None,
-                cache: KVCache | None = None, attention: str | None = None) -> ModelOutput:
+                cache: KVCache | None = None, attention: Attention | None = None) -> ModelOutput:
         """Without labels: logits (B, T, V). With labels (B, T), the TARGETS already aligned
         (labels[:, t] is the token that should follow input_ids[:, :t+1], -100 to skip;
         objectives.shift_for_clm builds them): the loss only, logits None. The loss is
@@ -334,7 +336,7 @@ class CausalLM(PreTrained):
         return ModelOutput(None, linear_cross_entropy(h, self.lm_head.weight, labels))
 
 
-def pooled_position(input_ids: Tensor, attention_mask: Tensor | None, how: str) -> Tensor:
+def pooled_position(input_ids: Tensor, attention_mask: Tensor | None, how: Pooling) -> Tensor:
     """(B,) the position each row of input_ids (B, T) is pooled from: 0 for "cls", the
     last real token for "last" (right or left padding: the highest index whose mask is 1)."""
     B, T = input_ids.shape[:2]
@@ -344,7 +346,7 @@ def pooled_position(input_ids: Tensor, attention_mask: Tensor | None, how: str) 
     return (positions * attention_mask).argmax(dim=1)
 
 
-def pool(h: Tensor, attention_mask: Tensor | None, how: str) -> Tensor:
+def pool(h: Tensor, attention_mask: Tensor | None, how: Pooling) -> Tensor:
     """(B, T, d) -> (B, d): the [CLS] (first) token; the mean over real tokens; the maximum
     over real tokens, feature by feature (max-over-time, as in Kim's 2014 sentence CNN: one
     strongly worded phrase is not averaged away in a long sentence); or the last real token
@@ -377,7 +379,7 @@ class SequenceClassifier(PreTrained):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 token_type_ids: Tensor | None = None, labels: Tensor | None = None,
-                attention: str | None = None, class_weights: Tensor | None = None) -> ModelOutput:
+                attention: Attention | None = None, class_weights: Tensor | None = None) -> ModelOutput:
         """labels (B,) class indices. logits (B, num_labels)."""
         how = self.config.pooling
         if how in ("mean", "max"):
@@ -436,14 +438,14 @@ class ReplacedTokenDetection(PreTrained):
             self.generator.decoder.weight = self.transformer.embeddings.tokens.weight
 
     def detect(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-               token_type_ids: Tensor | None = None, attention: str | None = None) -> Tensor:
+               token_type_ids: Tensor | None = None, attention: Attention | None = None) -> Tensor:
         """(B, T) logits of "this token was replaced"."""
         h = self.transformer(input_ids, attention_mask, token_type_ids, attention=attention)  # (B, T, d)
         return self.detector(h).squeeze(-1).float()
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 token_type_ids: Tensor | None = None, labels: Tensor | None = None,
-                attention: str | None = None, sampler: torch.Generator | None = None) -> ModelOutput:
+                attention: Attention | None = None, sampler: torch.Generator | None = None) -> ModelOutput:
         """input_ids (B, T) and labels as for MaskedLM (objectives.mask_tokens). Without labels:
         the discriminator's logits on input_ids as given. sampler: a torch.Generator for the
         generator's samples (default: the global RNG, which training checkpoints)."""

@@ -366,6 +366,39 @@ def check_options(cfg: FinetuneConfig) -> None:
                               "own architecture and tokenizer")
 
 
+def resolve_max_length(cfg: FinetuneConfig, config: ModelConfig, pairs: bool) -> int:
+    """--max-length, or min(128, the model's context); it must fit the context and the text."""
+    max_length = cfg.max_length or min(128, config.max_seq_len)
+    if max_length > config.max_seq_len:
+        raise MinilmError(f"--max-length {max_length} exceeds the model's context of {config.max_seq_len} tokens")
+    n_special = 3 if pairs else 2             # [CLS] text [SEP] (pair [SEP])
+    if max_length <= n_special:
+        raise MinilmError(f"--max-length {max_length} leaves no room for text beside {n_special} special tokens")
+    return max_length
+
+
+def training_batches(encoded: EncodedTexts, y: torch.Tensor, batches: LengthBucketBatches, encoder: TextEncoder,
+                     token_mask: float, vocab_size: int, class_weights: torch.Tensor | None):
+    """get_batch(i) for the Trainer: batch i of the length buckets, padded, with its labels;
+    with token_mask > 0, a share of the text tokens corrupted as MLM does, freshly each step."""
+
+    def get_batch(i: int) -> dict[str, torch.Tensor]:
+        indices = batches.indices(i)
+        batch = pad_batch(encoded, indices.tolist(), encoder.pad_id)
+        batch["labels"] = y[torch.from_numpy(indices)]
+        if token_mask:
+            # from the global RNG, which the resume state saves; random replacements only from
+            # ids the embedding table has (a tokenizer may list more)
+            batch["input_ids"], _ = mask_tokens(batch["input_ids"], vocab_size=min(len(encoder), vocab_size),
+                                                mask_id=encoder.mask_id, special_ids=encoder.special_ids,
+                                                attention_mask=batch["attention_mask"], mask_prob=token_mask)
+        if class_weights is not None:
+            batch["class_weights"] = class_weights
+        return batch
+
+    return get_batch
+
+
 def run(cfg: FinetuneConfig) -> dict:
     """Finetune and write the run directory. Returns the summary (as in summary.json) with
     one more key, "report": the ClassificationReport of the best checkpoint."""
@@ -385,12 +418,7 @@ def run(cfg: FinetuneConfig) -> dict:
     model, encoder, note = build_model(cfg, len(labels), train)
     if cfg.token_mask and encoder.mask_id is None:
         raise MinilmError("--token-mask needs a tokenizer with a mask token; this one has none (GPT-style)")
-    max_length = cfg.max_length or min(128, model.config.max_seq_len)
-    if max_length > model.config.max_seq_len:
-        raise MinilmError(f"--max-length {max_length} exceeds the model's context of {model.config.max_seq_len} tokens")
-    n_special = 2 if train.pairs is None else 3             # [CLS] text [SEP] (pair [SEP])
-    if max_length <= n_special:
-        raise MinilmError(f"--max-length {max_length} leaves no room for text beside {n_special} special tokens")
+    max_length = resolve_max_length(cfg, model.config, pairs=train.pairs is not None)
     if cfg.freeze_encoder:
         freeze_encoder(model)
     if cfg.freeze_embeddings:
@@ -416,20 +444,7 @@ def run(cfg: FinetuneConfig) -> dict:
     if weights is not None:
         say("class weights: " + ", ".join(f"{n} {w:.2f}" for n, w in zip(labels.names, weights.tolist())))
 
-    def get_batch(i: int) -> dict[str, torch.Tensor]:
-        indices = batches.indices(i)
-        batch = pad_batch(enc_train, indices.tolist(), encoder.pad_id)
-        batch["labels"] = y_train[torch.from_numpy(indices)]
-        if cfg.token_mask:
-            # a fresh corruption every step, from the global RNG the resume state saves
-            # (random replacements only from ids the embedding table has: a tokenizer may list more)
-            batch["input_ids"], _ = mask_tokens(batch["input_ids"], vocab_size=min(len(encoder), model.config.vocab_size),
-                                                mask_id=encoder.mask_id, special_ids=encoder.special_ids,
-                                                attention_mask=batch["attention_mask"], mask_prob=cfg.token_mask)
-        if weights is not None:
-            batch["class_weights"] = weights
-        return batch
-
+    get_batch = training_batches(enc_train, y_train, batches, encoder, cfg.token_mask, model.config.vocab_size, weights)
     loop, steps_per_epoch = resolve_loop(cfg, batches.batches_per_epoch)
     say(f"schedule: {loop.max_steps} steps max ({steps_per_epoch} per epoch), lr {loop.lr:g}, "
         f"warmup {loop.warmup_steps}, evaluation every {loop.eval_every} steps"

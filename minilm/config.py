@@ -99,9 +99,11 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        for name in ("vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "num_labels"):
+        for name in ("vocab_size", "max_seq_len", "d_model", "n_heads", "n_kv_heads", "d_ff", "num_labels"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        if self.n_layers < 0:           # 0 is allowed: embeddings straight into the head (a bigram model)
+            raise ValueError(f"n_layers={self.n_layers} must be >= 0")
         for name in ("dropout", "attn_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1)")

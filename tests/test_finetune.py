@@ -407,6 +407,17 @@ def test_token_mask_corrupts_only_training_text_tokens(task, pretrained_run, tmp
     assert seen["eval"] and all((ids != tok.mask_id).all() for ids, _ in seen["eval"])
 
 
+def test_eval_every_zero_evaluates_only_at_the_end(task, tmp_path):
+    train_csv, val_csv = task
+    out = tmp_path / "run"
+    assert finetune.main(["--data", str(train_csv), "--val", str(val_csv), "--out", str(out), "--preset",
+                          "bert-tiny", *TINY, "--vocab-size", "400", "--max-steps", "12", "--eval-every", "0",
+                          *QUICK]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "val_accuracy" in r] == [12]
+    assert json.loads((out / "train_config.json").read_text())["loop"]["eval_every"] == 0
+
+
 def test_token_mask_share_is_checked(task, tmp_path):
     train_csv, val_csv = task
     with pytest.raises(MinilmError, match="token-mask"):

@@ -73,8 +73,9 @@ TEXT_SUFFIXES = (".txt", ".jsonl")  # what a directory contributes (recursively)
 # they reach this many characters: memory stays bounded whatever the file.
 MAX_DOCUMENT_CHARS = 1 << 20
 
-# Bumped whenever the way documents are read changes, so prepared caches rebuild.
-READER_VERSION = 1
+# Bumped whenever the way documents are read or split changes, so prepared caches rebuild.
+# 2: the "doc" split hashes a document without its surrounding blank lines.
+READER_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -205,6 +206,11 @@ def _read_jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
                         f"{path}:{line_number}: no string field {text_field!r}; "
                         "set the text field option to the name of the field that holds the text"
                     )
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as e:     # JSON may escape half of a surrogate pair: "\ud83d"
+                    raise MinilmError(f"{path}:{line_number}: the text holds a lone surrogate ({text[e.start]!r} at "
+                                      f"character {e.start}), which is no Unicode character; fix or drop that line") from e
                 if text.strip():
                     yield text
     except UnicodeDecodeError as e:
@@ -398,14 +404,23 @@ def _check_split_args(val_fraction: float, mode: str) -> None:
 def is_validation_document(text: str, val_fraction: float) -> bool:
     """Split mode "doc": does this document belong to the validation split?
 
-    u = first 8 bytes of blake2b(text) read as an integer / 2**64, uniform in [0, 1);
-    the document is validation when u < val_fraction. It depends on the text only, so
-    the split is the same on every run and machine (Python's hash() is salted per
+    u = first 8 bytes of blake2b(text.strip()) read as an integer / 2**64, uniform in
+    [0, 1); the document is validation when u < val_fraction. It depends on the text only,
+    so the split is the same on every run and machine (Python's hash() is salted per
     process and would not be), and duplicate documents always land on the same side,
-    so validation never sees a copy of a training document.
+    so validation never sees a copy of a training document. Stripped, because a .txt
+    document carries the blank lines after it: the same paragraph at the end of a file,
+    or followed by two blank lines instead of one, is still the same document. (A block
+    cut at MAX_DOCUMENT_CHARS is hashed piece by piece.)
     """
-    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    digest = hashlib.blake2b(text.strip().encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64 < val_fraction
+
+
+def all_validation_error(val_fraction: float, mode: SplitMode) -> MinilmError:
+    """A corpus of a few documents can hash them all to validation: say so, and what helps."""
+    return MinilmError(f"every document went to validation (val_fraction={val_fraction}, split {mode!r}): use "
+                       "split 'tail', or a corpus with more documents (blank lines separate them)")
 
 
 def count_chars(sources: Iterable[Source]) -> int:
@@ -715,6 +730,8 @@ def prepare_tokens(
             for writer in writers.values():
                 writer.close()
         stats = {name: writer.stats for name, writer in writers.items()}
+        if stats["train"].tokens == 0 and stats["val"].tokens > 0:
+            raise all_validation_error(val_fraction, split)
         if stats["train"].tokens == 0:
             raise MinilmError("the training split is empty: the corpus has no text; pass a corpus with some text")
         if val_fraction > 0 and stats["val"].tokens == 0:

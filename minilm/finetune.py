@@ -529,7 +529,10 @@ def predict(run: FinetunedRun, texts: list[str], pairs: list[str] | None = None,
         raise MinilmError("this model was trained on single texts: leave out --pair")
     dev = resolve_device(device)
     model = run.model.to(dev)
-    encoded = run.encoder.encode(texts, pairs, run.max_length)
+    try:
+        encoded = run.encoder.encode(texts, pairs, run.max_length)
+    except ValueError as err:           # e.g. a text that is not valid Unicode (undecodable bytes)
+        raise MinilmError(str(err)) from err
     return predict_logits(model, encoded, run.encoder.pad_id, batch_size, dev).softmax(-1)
 
 

@@ -249,6 +249,14 @@ def config_from_hf(hf_config: Any) -> ModelConfig:
     omit values equal to them). Anything minilm cannot compute exactly raises MinilmError.
     """
     d = _as_dict(hf_config)
+    try:
+        return _model_config(d)
+    except ValueError as err:       # ModelConfig's own checks: a width the heads do not divide, ...
+        raise MinilmError(f"this {d.get('model_type')} config describes no valid model: {err}") from err
+
+
+def _model_config(d: dict) -> ModelConfig:
+    """config_from_hf for a config.json dict, one branch per family."""
     kind = d.get("model_type")
     pad = d.get("pad_token_id")
     common = dict(pad_token_id=0 if pad is None else int(pad), num_labels=_num_labels(d),
@@ -397,13 +405,20 @@ def _read_directory(path: Path) -> tuple[dict, dict[str, Tensor]]:
                           "(config.json + model.safetensors) or takes an in-memory transformers model")
     if not (path / "config.json").is_file():
         raise MinilmError(f"{path} has no config.json")
-    config = json.loads((path / "config.json").read_text())
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as err:
+        raise MinilmError(f"{path}/config.json is not valid JSON ({err})") from err
 
     def load(file: Path) -> dict[str, Tensor]:
-        if file.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            return load_file(str(file))
-        return torch.load(file, map_location="cpu", weights_only=True)
+        try:
+            if file.suffix == ".safetensors":
+                from safetensors.torch import load_file
+                return load_file(str(file))
+            return torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as err:    # safetensors, pickle and zip each raise their own kind for a damaged file
+            first_line = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+            raise MinilmError(f"{file} cannot be read as weights ({type(err).__name__}: {first_line})") from err
 
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (path / name).is_file():

@@ -120,11 +120,15 @@ def build_tokenizer(cfg: PretrainConfig, sources: list[data.Source], run_dir: Pa
         tok = data.load_tokenizer(cfg.tokenizer)
     else:
         t0 = time.perf_counter()
-        texts = data.iter_split_text(sources, split="train", val_fraction=cfg.val_fraction, mode=cfg.split)
+        def training_texts():
+            return data.iter_split_text(sources, split="train", val_fraction=cfg.val_fraction, mode=cfg.split)
+
         try:
-            tok = Tokenizer.train(texts, vocab_size=cfg.vocab_size, model_type=cfg.tokenizer_type,
+            tok = Tokenizer.train(training_texts(), vocab_size=cfg.vocab_size, model_type=cfg.tokenizer_type,
                                   max_sentences=cfg.tokenizer_sentences, seed=cfg.seed)
         except ValueError as err:
+            if next(training_texts(), None) is None and next(data.iter_documents(sources), None) is not None:
+                raise data.all_validation_error(cfg.val_fraction, cfg.split) from err
             raise MinilmError(str(err)) from err
         say(f"tokenizer: trained {cfg.tokenizer_type} vocab {len(tok)} in {time.perf_counter() - t0:.1f}s")
     tok.save(saved)

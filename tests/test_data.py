@@ -136,6 +136,9 @@ def test_empty_directory_and_bad_jsonl_raise(tmp_path: Path) -> None:
     bad.write_text("{not json\n", encoding="utf-8")
     with pytest.raises(MinilmError, match="not valid JSON"):
         list(iter_documents(resolve_sources([str(bad)])))
+    bad.write_text('{"text": "ok"}\n{"text": "half an emoji \\ud83d here"}\n', encoding="utf-8")   # valid JSON
+    with pytest.raises(MinilmError, match=r"bad.jsonl:2: the text holds a lone surrogate"):
+        list(iter_documents(resolve_sources([str(bad)])))
 
 
 def _kjv_installed() -> bool:
@@ -259,6 +262,18 @@ def test_doc_split_is_deterministic_and_by_content(corpus_file: Path) -> None:
     assert {text for _, text in first} == set(iter_documents(sources))
 
 
+def test_doc_split_puts_a_repeated_paragraph_on_one_side_whatever_the_blank_lines(tmp_path: Path) -> None:
+    """A .txt document keeps the blank lines after it; the hash must not see them."""
+    paragraph = "Chorus line number 8\nsing it again\n"
+    assert is_validation_document(paragraph, 0.5) == is_validation_document(paragraph + "\n\n", 0.5)
+    fraction = next(f for f in np.linspace(0.05, 0.95, 19) if is_validation_document(paragraph, f))
+    path = tmp_path / "song.txt"
+    path.write_text(f"intro\n\n{paragraph}\n\nverse two\n\n{paragraph}", encoding="utf-8")
+    sides = {name for name, text in iter_split(resolve_sources([str(path)]), val_fraction=fraction, mode="doc")
+             if text.strip() == paragraph.strip()}
+    assert sides == {"val"}
+
+
 def test_bad_split_arguments(corpus_file: Path) -> None:
     sources = resolve_sources([str(corpus_file)])
     with pytest.raises(MinilmError, match="split mode"):
@@ -363,6 +378,8 @@ def test_prepare_errors_on_empty_validation(tmp_path: Path, tokenizer: Tokenizer
     path.write_text("a single document\n", encoding="utf-8")
     with pytest.raises(MinilmError, match="no document went to validation"):
         prepare_tokens(resolve_sources([str(path)]), tokenizer, tmp_path / "prep", val_fraction=0.01, split="doc")
+    with pytest.raises(MinilmError, match="every document went to validation .* use split 'tail'"):
+        prepare_tokens(resolve_sources([str(path)]), tokenizer, tmp_path / "prep", val_fraction=0.99, split="doc")
 
 
 # ---------------------------------------------------------------- CLM batches

@@ -272,6 +272,8 @@ def test_scratch_learns_the_task_then_predicts(task, tmp_path, capsys):
     assert len(lines) == 2 and lines[0].startswith("pos") and lines[1].startswith("neg")
     assert main_guard(lambda: finetune.main(["predict", str(out), "--text", "good", "--pair", "story"])) == 2
     assert "trained on single texts: leave out --pair" in capsys.readouterr().err
+    assert main_guard(lambda: finetune.main(["predict", str(out), "--text", "bad \udcff byte"])) == 2
+    assert "not valid Unicode" in capsys.readouterr().err
 
     # the same flags again: a new run never writes into an existing one
     code = main_guard(lambda: finetune.main(["--data", str(train_csv), "--out", str(out), "--max-steps", "1"]))

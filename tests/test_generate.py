@@ -326,6 +326,7 @@ def test_sample_cli_masked(tmp_path, tok, capsys):
     (["{run}", "--max-new-tokens", "many"], "invalid int"),
     (["{run}", "--no-such-flag"], "unrecognized"),
     (["{run}", "--device", "cuda:x"], "--device"),
+    (["{run}", "--prompt", "ab\udcffcd"], "--prompt is not valid UTF-8"),     # how argv carries a stray byte
 ])
 def test_sample_cli_user_errors_are_one_line(tmp_path, tok, capsys, argv, message):
     run = make_run_dir(tmp_path / "gpt", CausalLM(tiny_config(tok, "gpt-mini")), tok)

@@ -273,6 +273,26 @@ def test_config_mapping_and_refusals():
         config_to_hf(preset("gpt-mini"), "mlm")
 
 
+def test_damaged_directories_are_one_line_errors(tmp_path):
+    """finetune.py --init hf:DIR reads these; a damaged file must not end in a traceback."""
+    model = make_minilm("bert-mlm")
+    to_hf(model, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text("{not json")
+    with pytest.raises(MinilmError, match="config.json is not valid JSON"):
+        from_hf(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "hidden_size": 30, "num_attention_heads": 4}))
+    with pytest.raises(MinilmError, match="describes no valid model: d_model=30 is not divisible"):
+        from_hf(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        for weights in (tmp_path / "m").glob("*.safetensors"):
+            weights.unlink()
+        (tmp_path / "m" / name).write_bytes(b"not a weights file at all")
+        with pytest.raises(MinilmError, match=f"{name} cannot be read as weights"):
+            from_hf(tmp_path / "m")
+
+
 def test_without_transformers(monkeypatch, tmp_path):
     model = make_minilm("bert-mlm")
     to_hf(model, tmp_path / "m")

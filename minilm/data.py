@@ -74,7 +74,7 @@ TEXT_SUFFIXES = (".txt", ".jsonl")  # what a directory contributes (recursively)
 MAX_DOCUMENT_CHARS = 1 << 20
 
 # Bumped whenever the way documents are read or split changes, so prepared caches rebuild.
-# 2: the "doc" split hashes a document without its surrounding blank lines.
+# 2: the "doc" split hashes a document without the blank lines around it.
 READER_VERSION = 2
 
 
@@ -404,16 +404,18 @@ def _check_split_args(val_fraction: float, mode: str) -> None:
 def is_validation_document(text: str, val_fraction: float) -> bool:
     """Split mode "doc": does this document belong to the validation split?
 
-    u = first 8 bytes of blake2b(text.strip()) read as an integer / 2**64, uniform in
-    [0, 1); the document is validation when u < val_fraction. It depends on the text only,
-    so the split is the same on every run and machine (Python's hash() is salted per
+    u = first 8 bytes of blake2b(block) read as an integer / 2**64, uniform in [0, 1);
+    the document is validation when u < val_fraction. It depends on the text only, so
+    the split is the same on every run and machine (Python's hash() is salted per
     process and would not be), and duplicate documents always land on the same side,
-    so validation never sees a copy of a training document. Stripped, because a .txt
+    so validation never sees a copy of a training document. `block` is the text without
+    the blank lines around it (ending in one newline if the text did), because a .txt
     document carries the blank lines after it: the same paragraph at the end of a file,
-    or followed by two blank lines instead of one, is still the same document. (A block
-    cut at MAX_DOCUMENT_CHARS is hashed piece by piece.)
+    or before two blank lines instead of one, is still the same document. (A block cut
+    at MAX_DOCUMENT_CHARS is hashed piece by piece.)
     """
-    digest = hashlib.blake2b(text.strip().encode("utf-8"), digest_size=8).digest()
+    block = text.strip() + ("\n" if text.endswith("\n") else "")
+    digest = hashlib.blake2b(block.encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64 < val_fraction
 
 

@@ -337,7 +337,8 @@ def run(cfg: PretrainConfig) -> dict:
                "parameters": model.num_parameters(), "prepare_seconds": round(prep_seconds, 1),
                "wall_seconds": round(time.perf_counter() - wall0, 1), "device": str(device),
                "dtype": dtype_name(dtype), "torch": torch.__version__, "python": platform.python_version(),
-               "train_tokens_available": prepared.train.tokens, "val_chars": prepared.val.chars}
+               "train_tokens_available": prepared.train.tokens, "val_tokens": prepared.val.tokens,
+               "val_chars": prepared.val.chars}
     write_json(out / "summary.json", summary)
     plot_curves(out)
     return summary

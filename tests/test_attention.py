@@ -45,9 +45,11 @@ def test_manual_and_sdpa_agree(B, nkv, rep, T, hs, causal, padded, fully_padded,
     if rope:
         cos, sin = rope_tables(T, hs)
         q, k = apply_rope(q, cos[None, None], sin[None, None]), apply_rope(k, cos[None, None], sin[None, None])
-    attention_mask = random_padding(B, T, gen, fully_padded) if padded else None
-    keep = build_keep_mask(attention_mask, T, T, causal)
-    (out_m, *grads_m), (out_s, *grads_s) = both_paths(q, k, v, keep, is_causal=False)
+    if causal and not padded:       # what a causal LM's training batch takes: the flag, no mask tensor
+        keep, is_causal = None, True
+    else:
+        keep, is_causal = build_keep_mask(random_padding(B, T, gen, fully_padded) if padded else None, T, T, causal), False
+    (out_m, *grads_m), (out_s, *grads_s) = both_paths(q, k, v, keep, is_causal=is_causal)
     assert torch.isfinite(out_m).all() and torch.isfinite(out_s).all()
     assert (out_m - out_s).abs().max() <= TOL
     for g_m, g_s in zip(grads_m, grads_s):
@@ -87,9 +89,11 @@ def test_rope_preserves_norm_and_depends_on_relative_position():
     assert torch.allclose(rotated(q, 3) @ rotated(k, 1), rotated(q, 12) @ rotated(k, 10), atol=1e-5)
 
 
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "unpadded"])
 @pytest.mark.parametrize("name", ["bert-tiny", "gpt-mini", "llama-tiny"])
-def test_model_paths_agree_with_gradients(name):
-    """Whole models: logits and every parameter gradient agree between the two paths."""
+def test_model_paths_agree_with_gradients(name, padded):
+    """Whole models: logits and every parameter gradient agree between the two paths, with
+    padding (a mask tensor) and without (causal models then pass is_causal=True instead)."""
     torch.manual_seed(0)
     config = preset(name, vocab_size=97, max_seq_len=32, d_model=32, n_heads=4,
                     n_kv_heads=2 if name == "llama-tiny" else 4, d_ff=64, dropout=0.0, attn_dropout=0.0)
@@ -99,6 +103,8 @@ def test_model_paths_agree_with_gradients(name):
     mask[1, 7:] = 0
     mask[2] = 0                                    # a fully padded row
     labels = ids.masked_fill(mask == 0, -100)
+    if not padded:
+        mask, labels = None, ids
     grads = {}
     for path in ("manual", "sdpa"):
         model.zero_grad()
@@ -112,19 +118,38 @@ def test_model_paths_agree_with_gradients(name):
         assert (g - g_s[name_]).abs().max() <= TOL, name_
 
 
+@pytest.mark.parametrize("left_padded", [False, True], ids=["unpadded", "left-padded"])
+@pytest.mark.parametrize("name", ["gpt-mini", "llama-tiny"])
 @pytest.mark.parametrize("path", ["manual", "sdpa"])
-def test_kv_cache_matches_full_forward(path):
+def test_kv_cache_matches_full_forward(path, name, left_padded):
+    """A prompt, a chunk of 3 tokens (its causal mask is bottom-right aligned to the cache),
+    then one token at a time: the logits at every real position equal one full forward."""
     torch.manual_seed(0)
-    config = preset("llama-tiny", vocab_size=50, max_seq_len=32, d_model=32, n_heads=4, n_kv_heads=2, d_ff=48)
+    config = preset(name, vocab_size=50, max_seq_len=32, d_model=32, n_heads=4,
+                    n_kv_heads=2 if name == "llama-tiny" else 4, d_ff=48)
     model = CausalLM(config).eval()
-    ids = torch.randint(0, 50, (2, 10))
-    full = model(ids, attention=path).logits
+    ids = torch.randint(1, 50, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    if left_padded:
+        mask[1, :3] = 0                                                  # row 1: three pads, then 7 tokens
+    positions = (mask.cumsum(1) - 1).clamp(min=0)                        # each row's tokens count from 0
+    full = model(ids, mask, position_ids=positions, attention=path).logits
     cache = KVCache(config, batch_size=2, max_len=16)
-    pieces = [model(ids[:, :4], cache=cache, attention=path).logits]      # prompt
-    for t in range(4, 10):                                               # then one token at a time
-        pieces.append(model(ids[:, t:t + 1], cache=cache, attention=path).logits)
+    pieces = []
+    for start, end in [(0, 4), (4, 7), *((t, t + 1) for t in range(7, 10))]:
+        pieces.append(model(ids[:, start:end], mask[:, :end], position_ids=positions[:, start:end], cache=cache,
+                            attention=path).logits)
     assert cache.length == 10
-    assert (torch.cat(pieces, dim=1) - full).abs().max() <= TOL
+    real = mask.bool()
+    assert (torch.cat(pieces, dim=1)[real] - full[real]).abs().max() <= TOL
+
+
+def test_kv_cache_overflow_is_an_error():
+    config = preset("gpt-mini", vocab_size=50, max_seq_len=32, d_model=32, n_heads=4, d_ff=48)
+    model, cache = CausalLM(config).eval(), KVCache(config, batch_size=1, max_len=5)
+    model(torch.randint(0, 50, (1, 4)), cache=cache)
+    with pytest.raises(ValueError, match="KV cache holds 5 tokens; 6 requested"):
+        model(torch.randint(0, 50, (1, 2)), cache=cache)
 
 
 def test_training_dropout_on_cpu_runs_the_manual_program():

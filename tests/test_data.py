@@ -262,6 +262,14 @@ def test_doc_split_is_deterministic_and_by_content(corpus_file: Path) -> None:
     assert {text for _, text in first} == set(iter_documents(sources))
 
 
+@pytest.mark.parametrize("text, u", [("In the beginning God created the heaven and the earth.\n", 0.738447),
+                                     ("a paragraph\n\n\n", 0.842988), ("no newline at all", 0.429077)])
+def test_doc_split_is_pinned_to_the_same_hash_everywhere(text: str, u: float) -> None:
+    """The split must be the same on every machine and in every version that does not bump
+    READER_VERSION: each document's u in [0, 1) is written down here."""
+    assert is_validation_document(text, u + 1e-6) and not is_validation_document(text, u - 1e-6)
+
+
 def test_doc_split_puts_a_repeated_paragraph_on_one_side_whatever_the_blank_lines(tmp_path: Path) -> None:
     """A .txt document keeps the blank lines after it; the hash must not see them."""
     paragraph = "Chorus line number 0\nsing it again\n"    # hashed raw, its copy before blank lines was train
@@ -318,6 +326,13 @@ def test_prepare_reuses_cache_and_rebuilds_on_change(corpus_file: Path, tmp_path
 
     other_split = prepare_tokens(sources, tokenizer, out, val_fraction=0.2)
     assert not other_split.reused and other_split.cache_key != first.cache_key
+
+    # another tokenizer of the same size (BPE instead of unigram): the cached ids would be wrong for it
+    ids = np.array(other_split.tokens("train"))
+    retrained = Tokenizer.train([make_corpus_text(200, seed=1)], vocab_size=300, model_type="bpe")
+    other_tokenizer = prepare_tokens(sources, retrained, out, val_fraction=0.2)
+    assert not other_tokenizer.reused and other_tokenizer.cache_key != other_split.cache_key
+    assert not np.array_equal(np.array(other_tokenizer.tokens("train")), ids)
 
     corpus_file.write_text(corpus_file.read_text() + "\nsome new text\n", encoding="utf-8")
     os.utime(corpus_file, ns=(0, 1_000_000_000))  # a different mtime, whatever the clock says
@@ -417,8 +432,11 @@ def test_eval_windows_cover_every_target_once(n_tokens: int, seq_len: int, batch
     for x, y in eval_windows(tokens, seq_len, batch_size, context_id=context_id):
         assert x.shape == y.shape and x.shape[1] == seq_len and x.shape[0] <= batch_size
         real = y != IGNORE_INDEX
-        # Each real target is preceded by its input: y[t] is the token after x[t].
-        assert torch.equal(y[real], x[real] + 1) or context_id is not None
+        # Each real target is preceded by its input: y[t] is the token after x[t], except
+        # where the input is the context token standing in front of the first token.
+        context = real & (x == context_id) if context_id is not None else torch.zeros_like(real)
+        assert torch.equal(y[real & ~context], x[real & ~context] + 1)
+        assert (y[context] == int(tokens[0])).all()
         targets.extend(y[real].tolist())
     expected = tokens.tolist() if context_id is not None else tokens[1:].tolist()
     assert targets == expected  # every target once, in order

@@ -10,13 +10,14 @@ import torch
 
 import finetune
 import train
+from minilm import training
 from minilm.checkpoint import load_model_dir
 from minilm.classify_data import (EncodedTexts, LabelSet, LengthBucketBatches, balanced_class_weights,
                                   default_dataset_path, eval_batches, pad_batch, read_default_dataset,
                                   read_labelled, split_validation)
 from minilm.cli import main_guard
 from minilm.errors import MinilmError
-from minilm.finetune import ClassificationReport, load_run, predict
+from minilm.finetune import WEIGHT_FILES, ClassificationReport, load_run, predict
 
 # --------------------------------------------------------------------------------------
 # a synthetic sentiment task: one "good" or "bad" word among neutral ones
@@ -176,6 +177,8 @@ def test_validation_split_is_seeded_and_disjoint(task):
     assert a_val.lines == b_val.lines and len(a_val) == 80 and len(a_train) == 240
     assert sorted(a_train.lines + a_val.lines) == data.lines
     assert split_validation(data, 0.25, seed=4)[1].lines != a_val.lines
+    twenty = data.subset(range(20))                 # pinned: the same rows on every machine and numpy version
+    assert split_validation(twenty, 0.25, seed=3)[1].lines == [twenty.lines[k] for k in (10, 12, 15, 18, 19)]
 
 
 def test_length_buckets_cover_every_example_once_per_epoch_deterministically():
@@ -359,6 +362,22 @@ def test_a_seed_reproduces_the_run(task, pretrained_run, tmp_path):
     assert other != losses
 
 
+@pytest.mark.parametrize("init_weights", ["final", "best"])
+def test_the_body_is_the_pretrained_runs(task, pretrained_run, tmp_path, init_weights):
+    """--init RUN_DIR loads every body tensor from the chosen weights file (--freeze-encoder keeps
+    them as loaded); only the head is new."""
+    train_csv, val_csv = task
+    out = tmp_path / "run"
+    assert finetune.main(["--init", str(pretrained_run), "--init-weights", init_weights, "--data", str(train_csv),
+                          "--val", str(val_csv), "--out", str(out), "--max-steps", "3", "--freeze-encoder",
+                          *QUICK]) == 0
+    tuned = load_model_dir(out, "model.safetensors", head="classify").state_dict()
+    source = load_model_dir(pretrained_run, WEIGHT_FILES[init_weights]).state_dict()
+    body = [name for name in tuned if name.startswith("transformer.")]
+    assert len(body) > 10 and all(torch.equal(tuned[name], source[name]) for name in body)
+    assert json.loads((out / "summary.json").read_text())["init"].endswith(f"({WEIGHT_FILES[init_weights]})")
+
+
 def test_freeze_embeddings_keeps_them_as_pretrained(task, pretrained_run, tmp_path):
     train_csv, val_csv = task
     out = tmp_path / "run"
@@ -388,6 +407,14 @@ def test_token_mask_corrupts_only_training_text_tokens(task, pretrained_run, tmp
         return forward(self, input_ids, attention_mask, **kw)
 
     monkeypatch.setattr(SequenceClassifier, "forward", spy)
+    optimizers = []
+    make_optimizer = training.make_optimizer
+
+    def keep_optimizer(*args, **kwargs):
+        optimizers.append(make_optimizer(*args, **kwargs))
+        return optimizers[-1]
+
+    monkeypatch.setattr(training, "make_optimizer", keep_optimizer)
     train_csv, val_csv = task
     out = tmp_path / "run"
     assert finetune.main(["--init", str(pretrained_run), "--data", str(train_csv), "--val", str(val_csv),
@@ -395,6 +422,9 @@ def test_token_mask_corrupts_only_training_text_tokens(task, pretrained_run, tmp
                           *QUICK]) == 0
     config = json.loads((out / "train_config.json").read_text())
     assert config["token_mask"] == 0.5 and config["loop"]["layer_lr_decay"] == 0.7
+    n_layers = json.loads((out / "config.json").read_text())["n_layers"]
+    scales = sorted(round(g["lr_scale"], 9) for g in optimizers[0].param_groups)
+    assert sorted(set(scales)) == sorted(round(0.7 ** k, 9) for k in range(n_layers + 2))   # head .. embeddings
     train_ids = torch.cat([ids.flatten() for ids, _ in seen["train"]])
     train_mask = torch.cat([m.flatten() for _, m in seen["train"]])
     text = ~torch.isin(train_ids, torch.tensor(sorted(tok.special_ids))) & train_mask.bool()

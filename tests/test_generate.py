@@ -21,7 +21,7 @@ from minilm.checkpoint import save_model_dir
 from minilm.config import ATTENTIONS
 from minilm.errors import MinilmError
 from minilm.generate import (apply_temperature, fill_mask, generate, positions_from_mask,
-                             sample_next_token, top_k_filter, top_p_filter)
+                             sample_next_token, token_text, top_k_filter, top_p_filter)
 from minilm.sample import main
 from tokenizer import Tokenizer
 
@@ -106,10 +106,12 @@ def test_beyond_max_seq_len_slides_the_window(shape):
 
 
 def test_prompt_longer_than_max_seq_len_is_cropped():
+    """The model reads the prompt's last max_seq_len tokens; the output keeps the whole prompt."""
     model = tiny_causal("gpt", max_seq_len=12)
     prompt = random_prompt(model.config.max_seq_len + 5, seed=3)
     out = generate(model, prompt, max_new_tokens=3, greedy=True)
-    assert out.shape == (1, model.config.max_seq_len + 8)
+    assert out.shape == (1, model.config.max_seq_len + 8) and torch.equal(out[:, :17], prompt)
+    assert torch.equal(out[0, -3:], generate(model, prompt[:, -12:], max_new_tokens=3, greedy=True)[0, -3:])
 
 
 def test_generate_restores_training_mode_and_needs_no_grad():
@@ -201,10 +203,11 @@ def test_lower_temperature_is_sharper():
     assert (entropy(1.0) < entropy(2.0)).all()
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=-1.0), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)])
-def test_bad_sampling_options_are_user_errors(bad):
+@pytest.mark.parametrize("bad, message", [(dict(temperature=-1.0), "temperature"), (dict(top_k=0), "top_k"),
+                                          (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p")])
+def test_bad_sampling_options_are_user_errors(bad, message):
     model = tiny_causal("gpt", dtype=torch.float32)
-    with pytest.raises(MinilmError):
+    with pytest.raises(MinilmError, match=message):
         generate(model, random_prompt(3, seed=0), max_new_tokens=2, **bad)
 
 
@@ -265,6 +268,19 @@ def test_fill_mask_returns_sorted_top_k(tok):
         assert all(0.0 < p <= 1.0 for p in probs) and sum(probs) <= 1.0 + 1e-6
         assert all(isinstance(token, str) for token, _ in candidates)
     assert model.training                                               # mode restored
+    # the model's own top 4: the full forward over the same input, softmax at the [MASK]s
+    seen = []
+    model.transformer.register_forward_hook(lambda module, args, kwargs, out: seen.append((args[0], kwargs)),
+                                            with_kwargs=True)
+    result = fill_mask(model, tok, "the [MASK] sat on the [MASK] mat", top_k=4)
+    ids, kwargs = seen[-1]
+    with torch.no_grad():
+        model.eval()
+        logits = model(ids, token_type_ids=kwargs["token_type_ids"]).logits[0, ids[0] == tok.mask_id]
+    expected = logits.softmax(-1).topk(4)
+    for candidates, values, indices in zip(result, expected.values, expected.indices):
+        assert [p for _, p in candidates] == pytest.approx(values.tolist(), abs=1e-5)
+        assert [token for token, _ in candidates] == [token_text(tok, i) for i in indices.tolist()]
 
 
 def test_fill_mask_hides_a_whole_word_with_its_leading_space(tok):

@@ -208,12 +208,20 @@ def test_sequence_longer_than_context_is_refused():
 
 
 def test_bf16_autocast_forward_backward():
+    """bf16 autocast: the loss stays fp32 and within bf16's rounding of the fp32 loss; so do the gradients."""
+    torch.manual_seed(0)
     model = CausalLM(tiny("llama-tiny"))
     ids = torch.randint(0, 61, (2, 8))
+    fp32_loss = model(ids, labels=ids).loss
+    fp32_loss.backward()
+    fp32_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(ids, labels=ids)
     out.loss.backward()
-    assert torch.isfinite(out.loss) and out.loss.dtype == torch.float32
+    assert out.loss.dtype == torch.float32 and out.loss.item() == pytest.approx(fp32_loss.item(), rel=2e-2)
+    cosines = [F.cosine_similarity(p.grad.flatten(), g.flatten(), dim=0) for p, g in zip(model.parameters(), fp32_grads)]
+    assert min(cosines) > 0.98
 
 
 # ---- computing only the rows a head reads, and dropout -----------------------------------

@@ -1,6 +1,7 @@
 """train.py end to end on tiny generated text: both objectives, resume, errors."""
 
 import json
+import math
 import os
 import random
 import signal
@@ -49,6 +50,9 @@ def test_tiny_run_leaves_a_complete_run_directory(corpus, tmp_path, objective, c
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["val_loss"] > 0
     assert ("val_bpc" in summary) == (objective == "clm")
+    if objective == "clm":      # the final evaluation scores every validation token (the first after a context token)
+        nats = summary["val_loss"] * summary["val_tokens"]
+        assert summary["val_bpc"] == pytest.approx(nats / summary["val_chars"] / math.log(2), rel=1e-6)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert load_model_dir(out).config.causal == (objective == "clm")

@@ -65,6 +65,26 @@ def test_tiny_run_leaves_a_complete_run_directory(corpus, tmp_path, objective, c
         assert capsys.readouterr().out.splitlines()[-1].startswith("best: the ")
 
 
+def test_data_tokenizer_and_budget_flags_reach_the_run(corpus, tmp_path):
+    """--text-field of a .jsonl corpus, --tokenizer DIR (reused byte for byte), --split tail,
+    --attention manual and --max-tokens (the budget in tokens: ceil(N / tokens per step) steps)."""
+    jsonl = tmp_path / "corpus.jsonl"
+    paragraphs = corpus.read_text().split("\n\n")
+    jsonl.write_text("".join(json.dumps({"body": p}) + "\n" for p in paragraphs))
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert train.main(tiny_args(jsonl, first, "clm", "--text-field", "body", "--max-steps", "2")) == 0
+    assert train.main(tiny_args(jsonl, second, "clm", "--text-field", "body", "--tokenizer", str(first / "tokenizer"),
+                                "--split", "tail", "--attention", "manual", "--max-tokens", "1000")) == 0
+    tokenizer_file = "tokenizer/tokenizer.model"
+    assert (second / tokenizer_file).read_bytes() == (first / tokenizer_file).read_bytes()
+    summary = json.loads((second / "summary.json").read_text())
+    assert summary["steps"] == math.ceil(1000 / (4 * 32)) and summary["stop_reason"] == "budget"
+    config = json.loads((second / "train_config.json").read_text())
+    assert (config["split"], config["attention"], config["text_field"]) == ("tail", "manual", "body")
+    with pytest.raises(MinilmError, match="no string field 'text'"):
+        train.main(tiny_args(jsonl, tmp_path / "third", "clm", "--max-steps", "1"))
+
+
 def test_whole_word_mask_flag_reaches_the_masking(corpus, tmp_path):
     """--whole-word-mask is saved in train_config.json and changes the masks (the loss of
     the same first step differs from the piece-by-piece run's)."""

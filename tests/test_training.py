@@ -198,6 +198,25 @@ def test_ctrl_c_finishes_the_step_saves_the_state_and_resumes_exactly(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("grad_clip", [0.05, 0.0])
+def test_gradients_are_clipped_to_the_global_norm(tmp_path, grad_clip):
+    loop = LoopConfig(lr=1e-3, warmup_steps=0, max_steps=2, grad_clip=grad_clip, progress=False)
+    trainer = Trainer(tiny_model(), counting_batch, loop, tmp_path, torch.device("cpu"), torch.float32)
+    norms, step = [], trainer.optimizer.step
+
+    def record_then_step(*args, **kwargs):
+        norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainer.model.parameters()])))
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = record_then_step
+    trainer.fit()
+    assert len(norms) == 2
+    if grad_clip:
+        assert all(n <= grad_clip * (1 + 1e-4) for n in norms) and max(norms) > 0.9 * grad_clip
+    else:
+        assert min(norms) > 0.05            # 0 disables clipping: the raw norm (about 1 here) comes through
+
+
 def test_best_checkpoint_and_early_stopping(tmp_path):
     scores = iter([3.0, 2.0, 2.5, 2.6, 2.7, 2.8, 2.9])
     at_best = {}

@@ -195,10 +195,10 @@ def test_tied_embeddings_share_storage_and_untied_do_not():
 def test_residual_projections_get_scaled_init():
     config = tiny("gpt-mini", d_model=256, d_ff=1024, n_layers=8)
     model = CausalLM(config)
-    std_in = model.transformer.blocks[0].attn.qkv.weight.std().item()
-    std_out = model.transformer.blocks[0].mlp.fc_out.weight.std().item()
-    assert abs(std_in - 0.02) < 0.002
-    assert abs(std_out - 0.02 / math.sqrt(16)) < 0.001
+    for block in model.transformer.blocks:      # GPT-2: the projections into the residual stream get 0.02/√(2L)
+        assert abs(block.attn.qkv.weight.std().item() - 0.02) < 0.002
+        for projection in (block.attn.out, block.mlp.fc_out):
+            assert abs(projection.weight.std().item() - 0.02 / math.sqrt(16)) < 0.001
 
 
 def test_sequence_longer_than_context_is_refused():

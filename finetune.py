@@ -83,6 +83,8 @@ def parse_args(argv: list[str] | None) -> FinetuneConfig:
     a.add_argument("--layer-lr-decay", type=float, default=1.0, metavar="GAMMA", help="layer-wise learning "
                    "rates: the head at --lr, block i = 0..L-1 (bottom to top) at lr·GAMMA^(L-i), embeddings at lr·GAMMA^(L+1); "
                    "below 1 the pretrained lower layers move less (ULMFiT, ELECTRA); 1 disables")
+    a.add_argument("--label-smoothing", type=float, default=0.0, metavar="EPS", help="train against (1 - EPS)·one-hot "
+                   "+ EPS/K instead of the one-hot label: less confident on noisy or ambiguous labels")
     a.add_argument("--class-weights", choices=choices(FinetuneConfig, "class_weights"), default="none",
                    help="auto: weight the loss by inverse class frequency")
     a = p.add_argument_group("budget and evaluation (the first budget reached stops the run)")

@@ -104,6 +104,7 @@ class FinetuneConfig:
     freeze_encoder: bool = False
     freeze_embeddings: bool = False
     token_mask: float = 0.0               # augmentation: share of text tokens corrupted per step (MLM style)
+    label_smoothing: float = 0.0          # ε: the targets are (1 - ε)·one-hot + ε/K
     class_weights: Literal["none", "auto"] = "none"    # auto: inverse class frequency
     metric: Metric = "accuracy"
     batch_size: int = 32
@@ -352,6 +353,8 @@ def check_options(cfg: FinetuneConfig) -> None:
     check_choices(cfg, MinilmError, as_flags=True)
     if not 0 <= cfg.token_mask < 1:
         raise MinilmError(f"--token-mask must be in [0, 1), got {cfg.token_mask}")
+    if not 0 <= cfg.label_smoothing < 1:
+        raise MinilmError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
     if cfg.dropout is not None and not 0 <= cfg.dropout < 1:
         raise MinilmError(f"--dropout must be in [0, 1), got {cfg.dropout}")
     for name in ("epochs", "batch_size", "eval_batch_size", "max_length"):
@@ -378,9 +381,10 @@ def resolve_max_length(cfg: FinetuneConfig, config: ModelConfig, pairs: bool) ->
 
 
 def training_batches(encoded: EncodedTexts, y: torch.Tensor, batches: LengthBucketBatches, encoder: TextEncoder,
-                     token_mask: float, vocab_size: int, class_weights: torch.Tensor | None):
-    """get_batch(i) for the Trainer: batch i of the length buckets, padded, with its labels;
-    with token_mask > 0, a share of the text tokens corrupted as MLM does, freshly each step."""
+                     token_mask: float, vocab_size: int, loss_options: dict):
+    """get_batch(i) for the Trainer: batch i of the length buckets, padded, with its labels and
+    the loss's options (class_weights, label_smoothing); with token_mask > 0, a share of the
+    text tokens corrupted as MLM does, freshly each step."""
 
     def get_batch(i: int) -> dict[str, torch.Tensor]:
         indices = batches.indices(i)
@@ -392,9 +396,7 @@ def training_batches(encoded: EncodedTexts, y: torch.Tensor, batches: LengthBuck
             batch["input_ids"], _ = mask_tokens(batch["input_ids"], vocab_size=min(len(encoder), vocab_size),
                                                 mask_id=encoder.mask_id, special_ids=encoder.special_ids,
                                                 attention_mask=batch["attention_mask"], mask_prob=token_mask)
-        if class_weights is not None:
-            batch["class_weights"] = class_weights
-        return batch
+        return {**batch, **loss_options}
 
     return get_batch
 
@@ -440,11 +442,15 @@ def run(cfg: FinetuneConfig) -> dict:
         f"reach --max-length {max_length}; batches {batches.fill_ratio():.0%} real tokens after length "
         f"bucketing; tokenized in {time.perf_counter() - t0:.1f}s")
 
-    weights = balanced_class_weights(counts) if cfg.class_weights == "auto" else None
-    if weights is not None:
+    loss_options: dict = {}         # extra arguments of SequenceClassifier's loss, sent with every batch
+    if cfg.class_weights == "auto":
+        loss_options["class_weights"] = weights = balanced_class_weights(counts)
         say("class weights: " + ", ".join(f"{n} {w:.2f}" for n, w in zip(labels.names, weights.tolist())))
+    if cfg.label_smoothing:
+        loss_options["label_smoothing"] = cfg.label_smoothing
 
-    get_batch = training_batches(enc_train, y_train, batches, encoder, cfg.token_mask, model.config.vocab_size, weights)
+    get_batch = training_batches(enc_train, y_train, batches, encoder, cfg.token_mask, model.config.vocab_size,
+                                 loss_options)
     loop, steps_per_epoch = resolve_loop(cfg, batches.batches_per_epoch)
     say(f"schedule: {loop.max_steps} steps max ({steps_per_epoch} per epoch), lr {loop.lr:g}, "
         f"warmup {loop.warmup_steps}, evaluation every {loop.eval_every} steps"

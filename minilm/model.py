@@ -379,8 +379,11 @@ class SequenceClassifier(PreTrained):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 token_type_ids: Tensor | None = None, labels: Tensor | None = None,
-                attention: Attention | None = None, class_weights: Tensor | None = None) -> ModelOutput:
-        """labels (B,) class indices. logits (B, num_labels)."""
+                attention: Attention | None = None, class_weights: Tensor | None = None,
+                label_smoothing: float = 0.0) -> ModelOutput:
+        """labels (B,) class indices. logits (B, num_labels). The loss is cross-entropy, each
+        class weighted by class_weights (K,) if given, against targets smoothed by ε =
+        label_smoothing: (1 − ε)·one_hot(label) + ε/K."""
         how = self.config.pooling
         if how in ("mean", "max"):
             h = self.transformer(input_ids, attention_mask, token_type_ids, attention=attention)
@@ -394,7 +397,7 @@ class SequenceClassifier(PreTrained):
         logits = self.classifier(self.dropout(pooled))
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.float(), labels, weight=class_weights)
+            loss = F.cross_entropy(logits.float(), labels, weight=class_weights, label_smoothing=label_smoothing)
         return ModelOutput(logits, loss)
 
 

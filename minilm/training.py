@@ -370,7 +370,7 @@ class Trainer:
         total_loss = 0.0
         for micro in range(loop.grad_accum):
             batch = self.get_batch(self.step * loop.grad_accum + micro)
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             with autocast(self.device, self.dtype):
                 loss = model(**batch).loss / loop.grad_accum
             self.scaler.scale(loss).backward()

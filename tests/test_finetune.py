@@ -399,11 +399,12 @@ def test_token_mask_corrupts_only_training_text_tokens(task, pretrained_run, tmp
     from tokenizer import Tokenizer
 
     tok = Tokenizer.load(pretrained_run / "tokenizer")
-    seen = {"train": [], "eval": []}
+    seen = {"train": [], "eval": [], "smoothing": set()}
     forward = SequenceClassifier.forward
 
     def spy(self, input_ids, attention_mask=None, **kw):
         seen["train" if self.training else "eval"].append((input_ids.clone(), attention_mask.clone()))
+        seen["smoothing"].add((self.training, kw.get("label_smoothing", 0.0)))
         return forward(self, input_ids, attention_mask, **kw)
 
     monkeypatch.setattr(SequenceClassifier, "forward", spy)
@@ -419,7 +420,8 @@ def test_token_mask_corrupts_only_training_text_tokens(task, pretrained_run, tmp
     out = tmp_path / "run"
     assert finetune.main(["--init", str(pretrained_run), "--data", str(train_csv), "--val", str(val_csv),
                           "--out", str(out), "--max-steps", "6", "--token-mask", "0.5", "--layer-lr-decay", "0.7",
-                          *QUICK]) == 0
+                          "--label-smoothing", "0.1", *QUICK]) == 0
+    assert seen["smoothing"] == {(True, 0.1), (False, 0.0)}         # the training loss only
     config = json.loads((out / "train_config.json").read_text())
     assert config["token_mask"] == 0.5 and config["loop"]["layer_lr_decay"] == 0.7
     n_layers = json.loads((out / "config.json").read_text())["n_layers"]

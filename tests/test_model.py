@@ -207,6 +207,19 @@ def test_sequence_longer_than_context_is_refused():
         model(torch.zeros(1, 33, dtype=torch.long))
 
 
+def test_classifier_loss_weights_and_smooths_the_targets():
+    """cross-entropy against (1 - ε)·one_hot + ε/K, each row weighted by its class's weight
+    (the weighted mean: Σ w_y · loss / Σ w_y, as F.cross_entropy computes it)."""
+    torch.manual_seed(0)
+    model = SequenceClassifier(tiny("bert-tiny", num_labels=3)).eval()
+    ids, labels, weights = torch.randint(5, 61, (4, 6)), torch.tensor([0, 2, 1, 2]), torch.tensor([1.0, 2.0, 0.5])
+    out = model(ids, labels=labels, class_weights=weights, label_smoothing=0.1)
+    log_p = out.logits.float().log_softmax(-1)
+    target = torch.full((4, 3), 0.1 / 3) + 0.9 * F.one_hot(labels, 3)
+    per_row = -(target * log_p * weights).sum(-1)
+    assert out.loss.item() == pytest.approx((per_row.sum() / weights[labels].sum()).item(), rel=1e-5)
+
+
 def test_bf16_autocast_forward_backward():
     """bf16 autocast: the loss stays fp32 and within bf16's rounding of the fp32 loss; so do the gradients."""
     torch.manual_seed(0)

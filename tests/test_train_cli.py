@@ -191,6 +191,20 @@ def test_existing_run_is_not_overwritten(corpus, tmp_path, capsys):
     assert (out / "model.safetensors").read_bytes() == before
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--objective", "rtd", "--generator-layers", "3"], "--generator-layers 3: choose 1 … 2"),
+    (["--objective", "mlm", "--mask-prob", "0"], "--mask-prob must be in (0, 1], got 0.0"),
+    (["--n-heads", "0"], "model shape: n_heads=0 must be > 0"),
+    (["--dropout", "1.5"], "model shape: dropout=1.5 must be in [0, 1)"),
+])
+def test_bad_settings_are_one_line_errors_and_leave_no_model(corpus, tmp_path, capsys, args, message):
+    out = tmp_path / "run"
+    code = main_guard(lambda: train.main(tiny_args(corpus, out, "clm", "--max-steps", "1", *args)))
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert not (out / "model.safetensors").exists()
+
+
 def test_missing_data_is_one_line_error(tmp_path, capsys):
     code = main_guard(lambda: train.main(["--data", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "r"),
                                           "--max-steps", "1"]))

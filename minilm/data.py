@@ -161,7 +161,8 @@ def _read_text_documents(path: Path) -> Iterator[str]:
 
     Each document keeps its lines exactly, newlines included, together with the
     blank lines that follow it (blank lines before the first block join the first
-    document). So concatenating the documents gives back the file exactly, and
+    document). So concatenating the documents gives back the file's text exactly (as
+    Python reads it: Windows line ends, CR LF, arrive as LF), and
     "the last 10% of the characters" means the same thing for the file and for its
     documents. A block longer than MAX_DOCUMENT_CHARS is cut at a line boundary.
     """

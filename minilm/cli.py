@@ -22,8 +22,8 @@ def main_guard(main: Callable[[], int], resumable: bool = False) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except Interrupted as stop:
-        how = f"; continue with --resume --out {stop.run_dir}" if resumable else ""
-        print(f"interrupted at step {stop.step}: the state is saved in {stop.run_dir}/state{how}", file=sys.stderr)
+        saved = f": the state is saved in {stop.run_dir}/state; continue with --resume --out {stop.run_dir}"
+        print(f"interrupted at step {stop.step}{saved if resumable else ''}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

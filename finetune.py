@@ -81,8 +81,8 @@ def parse_args(argv: list[str] | None) -> FinetuneConfig:
     a.add_argument("--weight-decay", type=float, default=FINETUNE_LOOP["weight_decay"])
     a.add_argument("--grad-clip", type=float, default=1.0)
     a.add_argument("--layer-lr-decay", type=float, default=1.0, metavar="GAMMA", help="layer-wise learning "
-                   "rates: the head at --lr, block i = 0..L-1 (bottom to top) at lr·GAMMA^(L-i), embeddings at lr·GAMMA^(L+1); "
-                   "below 1 the pretrained lower layers move less (ULMFiT, ELECTRA); 1 disables")
+                   "rates: the head at --lr, block i = 0..L-1 (bottom to top) at lr·GAMMA^(L-i), embeddings at "
+                   "lr·GAMMA^(L+1); below 1 the pretrained lower layers move less (ULMFiT, ELECTRA); 1 disables")
     a.add_argument("--label-smoothing", type=float, default=0.0, metavar="EPS", help="train against (1 - EPS)·one-hot "
                    "+ EPS/K instead of the one-hot label: less confident on noisy or ambiguous labels")
     a.add_argument("--class-weights", choices=choices(FinetuneConfig, "class_weights"), default="none",
@@ -91,8 +91,8 @@ def parse_args(argv: list[str] | None) -> FinetuneConfig:
     a.add_argument("--epochs", type=float, default=3.0, help="passes over the training data (unless --max-steps)")
     a.add_argument("--max-steps", type=int, default=None)
     a.add_argument("--time-budget", type=float, default=None, help="seconds of training (evaluation excluded)")
-    a.add_argument("--metric", choices=choices(FinetuneConfig, "metric"), default="accuracy", help="validation score that picks "
-                   "best.safetensors and drives early stopping")
+    a.add_argument("--metric", choices=choices(FinetuneConfig, "metric"), default="accuracy",
+                   help="validation score that picks best.safetensors and drives early stopping")
     a.add_argument("--patience", type=int, default=0, help="stop after this many evaluations without "
                    "improvement (0: never)")
     a.add_argument("--eval-every", type=int, default=None, help="steps between evaluations; 0: only at the "

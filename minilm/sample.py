@@ -104,7 +104,8 @@ def run(args: argparse.Namespace) -> None:
     try:
         args.prompt.encode("utf-8")
     except UnicodeEncodeError as err:       # undecodable bytes on the command line arrive as lone surrogates
-        raise MinilmError(f"--prompt is not valid UTF-8 text (position {err.start}); check the terminal's encoding") from err
+        raise MinilmError(f"--prompt is not valid UTF-8 text (position {err.start}); check the terminal's "
+                          "encoding") from err
     device = resolve_device(args.device)
     if not args.run_dir.is_dir():
         raise MinilmError(f"run directory {args.run_dir} not found: pass the --out directory of a training run")

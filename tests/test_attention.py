@@ -48,7 +48,8 @@ def test_manual_and_sdpa_agree(B, nkv, rep, T, hs, causal, padded, fully_padded,
     if causal and not padded:       # what a causal LM's training batch takes: the flag, no mask tensor
         keep, is_causal = None, True
     else:
-        keep, is_causal = build_keep_mask(random_padding(B, T, gen, fully_padded) if padded else None, T, T, causal), False
+        attention_mask = random_padding(B, T, gen, fully_padded) if padded else None
+        keep, is_causal = build_keep_mask(attention_mask, T, T, causal), False
     (out_m, *grads_m), (out_s, *grads_s) = both_paths(q, k, v, keep, is_causal=is_causal)
     assert torch.isfinite(out_m).all() and torch.isfinite(out_s).all()
     assert (out_m - out_s).abs().max() <= TOL

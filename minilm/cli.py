@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from typing import TypeVar, get_args
 
-from minilm.config import SHAPE_FIELDS, ModelConfig, choice_fields
+from minilm.config import SHAPE_FIELDS, ModelConfig, choice_fields, flag
 from minilm.errors import MinilmError
 from minilm.training import Interrupted, Precision
 
@@ -59,7 +59,7 @@ def add_shape_flags(group: argparse._ArgumentGroup, note: str) -> None:
                                help=f"{note}: normalise each sublayer's input (pre-LN: GPT-2, Llama; trains "
                                     "stably at high learning rates) or the residual sum (post-LN: BERT)")
         else:
-            group.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help=note)
+            group.add_argument(flag(name), type=int, default=None, help=note)
 
 
 def add_machine_flags(group: argparse._ArgumentGroup) -> None:

@@ -45,13 +45,18 @@ def choice_fields(cls: type) -> dict[str, tuple]:
     return fields
 
 
+def flag(field_name: str) -> str:
+    """The command-line flag that sets a config field: init_weights -> --init-weights."""
+    return "--" + field_name.replace("_", "-")
+
+
 def check_choices(settings: object, error: type[Exception] = ValueError, as_flags: bool = False) -> None:
     """Raise `error` for the first Literal-typed field of dataclass `settings` whose value its
     type does not list. as_flags: name the field as its command-line flag (--init-weights)."""
     for name, allowed in choice_fields(type(settings)).items():
         value = getattr(settings, name)
         if value not in allowed:
-            label = f"--{name.replace('_', '-')} " if as_flags else f"{name}="
+            label = f"{flag(name)} " if as_flags else f"{name}="
             listed = ", ".join(str(v) for v in allowed if v is not None)
             raise error(f"{label}{value!r}; choose one of {listed}")
 

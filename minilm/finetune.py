@@ -32,7 +32,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +42,8 @@ from minilm.classify_data import (DEFAULT_DATASET, EncodedTexts, Header, HFTextE
                                   LengthBucketBatches, MinilmTextEncoder, TextEncoder, balanced_class_weights,
                                   eval_batches, load_text_encoder, pad_batch, read_default_dataset,
                                   read_labelled, split_validation)
-from minilm.config import SHAPE_FIELDS, ModelConfig, NormPosition, Pooling, check_choices, preset, shape_overrides
+from minilm.config import (SHAPE_FIELDS, ModelConfig, NormPosition, Pooling, check_choices, flag, preset,
+                           shape_overrides)
 from minilm.errors import MinilmError
 from minilm.model import PreTrained, SequenceClassifier
 from minilm.objectives import mask_tokens
@@ -51,7 +52,7 @@ from minilm.training import (LoopConfig, Precision, Trainer, autocast, dtype_nam
 from tokenizer import TokenizerType
 
 Metric = Literal["accuracy", "macro_f1"]    # the validation score that picks best.safetensors
-METRICS: dict[str, str] = {"accuracy": "val_accuracy", "macro_f1": "val_macro_f1"}   # -> its metrics.jsonl key
+METRICS: dict[str, str] = {name: f"val_{name}" for name in get_args(Metric)}   # -> its metrics.jsonl key
 # Peak learning rates when --lr is not given. A pretrained body needs small steps or it
 # forgets what it learned; a random one (scratch) and a lone head (--freeze-encoder) can
 # take larger ones. Values in the range the BERT papers use for models of these sizes.
@@ -360,9 +361,9 @@ def check_options(cfg: FinetuneConfig) -> None:
     for name in ("epochs", "batch_size", "eval_batch_size", "max_length"):
         value = getattr(cfg, name)
         if value is not None and not value > 0:
-            raise MinilmError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+            raise MinilmError(f"{flag(name)} must be > 0, got {value}")
     if cfg.init != "scratch":
-        scratch_only = [f"--{name.replace('_', '-')}" for name in (*SHAPE_FIELDS, "like", "tokenizer")
+        scratch_only = [flag(name) for name in (*SHAPE_FIELDS, "like", "tokenizer")
                         if getattr(cfg, name) is not None]
         if scratch_only:
             raise MinilmError(f"{', '.join(scratch_only)}: for --init scratch only; --init {cfg.init} brings its "

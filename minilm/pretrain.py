@@ -20,13 +20,13 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal
 
 import torch
 
 from minilm import data
 from minilm.checkpoint import new_run_dir, save_model_dir, write_json
-from minilm.config import Attention, ModelConfig, NormPosition, check_choices, preset, shape_overrides
+from minilm.config import Attention, ModelConfig, NormPosition, check_choices, flag, preset, shape_overrides
 from minilm.errors import MinilmError
 from minilm.model import HEADS, PreTrained, ReplacedTokenDetection
 from minilm.objectives import RTD_WEIGHT, bits_per_char, mask_tokens, perplexity, summed_nll
@@ -34,7 +34,6 @@ from minilm.training import LoopConfig, Precision, Trainer, dtype_name, plot_cur
 from tokenizer import Tokenizer, TokenizerType
 
 Objective = Literal["clm", "mlm", "rtd"]     # causal LM, masked LM, replaced-token detection (ELECTRA)
-OBJECTIVES: tuple[str, ...] = get_args(Objective)
 DEFAULT_PRESET = {"clm": "gpt-mini", "mlm": "bert-mini", "rtd": "bert-mini"}
 
 
@@ -103,7 +102,7 @@ def resumed_config(cli: PretrainConfig, given: set[str]) -> PretrainConfig:
         if now == before:
             continue
         if name not in RESUME_MAY_CHANGE:
-            raise MinilmError(f"--{name.replace('_', '-')} {now} differs from this run's {before} ({path}): a "
+            raise MinilmError(f"{flag(name)} {now} differs from this run's {before} ({path}): a "
                               "resumed run keeps its settings; leave the flag out, or start a new run")
         (loop_changes if on_loop else changes)[name] = now
     if loop_changes.keys() & set(BUDGETS):     # a new budget replaces the old one whole
@@ -227,7 +226,9 @@ def mlm_evaluate(cfg: PretrainConfig, prepared: data.PreparedData, tok: Tokenize
         for i, (ids, attention_mask) in enumerate(batches.ordered_batches()):
             if not final and i >= periodic_batches:
                 break
-            yield {k: v.to(device) for k, v in mask(ids, attention_mask, i).items()}
+            batch = mask(ids, attention_mask, i)
+            if (batch["labels"] != -100).any():     # a batch with nothing masked has no loss (its mean is NaN)
+                yield {k: v.to(device) for k, v in batch.items()}
 
     def evaluate(model: PreTrained, final: bool = False) -> dict[str, float]:
         if isinstance(model, ReplacedTokenDetection):
@@ -235,8 +236,6 @@ def mlm_evaluate(cfg: PretrainConfig, prepared: data.PreparedData, tok: Tokenize
         total_nats, correct, n = 0.0, 0, 0
         for batch in validation_batches(final):
             targets = batch["labels"][batch["labels"] != -100]
-            if len(targets) == 0:       # nothing masked in this batch: its mean loss would be NaN
-                continue
             out = model(**batch)
             total_nats += out.loss.item() * len(targets)
             correct += int((out.logits.argmax(-1) == targets).sum())
@@ -254,8 +253,6 @@ def mlm_evaluate(cfg: PretrainConfig, prepared: data.PreparedData, tok: Tokenize
         sums = {"mlm_nats": 0.0, "mlm_correct": 0, "masked": 0, "bce": 0.0, "detected": 0, "real": 0, "replaced": 0}
         for batch in validation_batches(final):
             targets = batch["labels"][batch["labels"] != -100]
-            if len(targets) == 0:
-                continue
             out = model(**batch, sampler=sampler)
             n_real = int(out.real.sum())
             sums["mlm_nats"] += out.generator_loss.item() * len(targets)

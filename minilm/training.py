@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from minilm.checkpoint import load_state, save_state, save_weights
-from minilm.config import check_choices
+from minilm.config import check_choices, flag
 from minilm.errors import MinilmError
 from minilm.model import PreTrained
 
@@ -248,10 +248,10 @@ class LoopConfig:
                         "patience": self.patience, "weight_decay": self.weight_decay, "grad_clip": self.grad_clip}
         for name, value in positive.items():
             if not value > 0:       # "not >" also catches NaN
-                raise MinilmError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+                raise MinilmError(f"{flag(name)} must be > 0, got {value}")
         for name, value in non_negative.items():
             if not value >= 0:
-                raise MinilmError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+                raise MinilmError(f"{flag(name)} must be >= 0, got {value}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise MinilmError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not 0 < self.layer_lr_decay <= 1:

@@ -137,7 +137,12 @@ def read_texts(path: str, pairs: bool) -> tuple[list[str], list[str] | None]:
     file = Path(path)
     if not file.is_file():
         raise MinilmError(f"--file {path} not found: pass a text file with one text per line")
-    lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as err:
+        raise MinilmError(f"--file {path} is not UTF-8 text (byte {err.start}): save it as UTF-8") from err
+    if not lines:
+        raise MinilmError(f"--file {path} has no text: one text per line, blank lines are skipped")
     if not pairs:
         return lines, None
     split = [line.split("\t", 1) for line in lines]
@@ -153,8 +158,9 @@ def predict_main(argv: list[str]) -> int:
     p.add_argument("run_dir", help="a finetune.py run directory")
     p.add_argument("--text", action="append", default=[], help="a text to classify (repeatable)")
     p.add_argument("--pair", action="append", default=None, help="the second text of a pair, one per --text")
-    p.add_argument("--file", default=None, help="a file with one text per line (TEXT<TAB>PAIR for pair models)")
-    p.add_argument("--weights", choices=get_args(Weights), default="best")
+    p.add_argument("--file", default=None, help="a UTF-8 file with one text per line (TEXT<TAB>PAIR for pair models); blank lines are skipped")
+    p.add_argument("--weights", choices=get_args(Weights), default="best",
+                   help="best.safetensors (best by validation) or model.safetensors (final)")
     p.add_argument("--json", action="store_true", help="one JSON object per text instead of a table")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)

@@ -61,10 +61,10 @@ kernel zeroes them again: that costs markedly on small machines. The benchmark c
 start-up, which applies to BOTH sides equally (one process); --no-malloc-tuning
 measures glibc's default behaviour instead. bench.json records which.
 
-Outputs (in --out, default runs/bench/): a markdown table on stdout and in bench.md (minilm
-vs HF with a speed-up column, HF time / minilm time), bench.json (everything measured,
-with the machine's load average, versions and options), bench.png (grouped bars) and,
-with the attention workload, attention.png.
+Outputs (in --out, a new directory, default runs/bench-TIMESTAMP/): a markdown table on
+stdout and in bench.md (minilm vs HF with a speed-up column, HF time / minilm time),
+bench.json (everything measured, with the machine's load average, versions and options),
+bench.png (grouped bars) and, with the attention workload, attention.png.
 
 Timings on a shared machine are noisy: check the load average in bench.json (or
 `uptime`) before trusting a number; alternating the two sides in one process makes their
@@ -102,6 +102,7 @@ import torch
 from torch import Tensor, nn
 
 from minilm.attention import manual_attention, sdpa_attention
+from minilm.checkpoint import new_run_dir
 from minilm.cli import main_guard
 from minilm.config import ModelConfig, preset
 from minilm.errors import MinilmError, import_transformers
@@ -188,6 +189,8 @@ class BenchOptions:
 
     def __post_init__(self) -> None:
         unknown = set(self.workloads) - set(WORKLOADS)
+        if not self.workloads:
+            raise MinilmError(f"--workloads names none; choose from {', '.join(WORKLOADS)} or all")
         if unknown:
             raise MinilmError(f"unknown workloads {sorted(unknown)}; choose from {', '.join(WORKLOADS)} or all")
         if self.size not in SIZES:
@@ -706,7 +709,8 @@ def parse_args(argv: list[str] | None = None) -> BenchOptions:
     p.add_argument("--no-malloc-tuning", action="store_true",
                    help="keep glibc's default allocator behaviour on CPU (see the module docstring)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/bench", help="directory for bench.md, bench.json, bench.png, attention.png")
+    p.add_argument("--out", default=None, help="a new directory for bench.md, bench.json, bench.png, attention.png "
+                   "[runs/bench-TIMESTAMP]")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     workloads = WORKLOADS if a.workloads == "all" else tuple(w.strip() for w in a.workloads.split(",") if w.strip())
@@ -716,7 +720,8 @@ def parse_args(argv: list[str] | None = None) -> BenchOptions:
         raise MinilmError(f"--sweep-lengths {a.sweep_lengths!r}: give integers separated by commas") from err
     return BenchOptions(device=a.device, dtype=a.dtype, compile=a.compile, batch_size=a.batch_size,
                         seq_len=a.seq_len, size=a.size, workloads=workloads, steps=a.steps, warmup=a.warmup,
-                        out=a.out, sweep_lengths=lengths, sweep_batch=a.sweep_batch,
+                        out=a.out or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}",
+                        sweep_lengths=lengths, sweep_batch=a.sweep_batch,
                         malloc_tuning=not a.no_malloc_tuning, seed=a.seed, progress=not a.no_progress)
 
 
@@ -726,6 +731,7 @@ def log_stderr(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
+    new_run_dir(Path(opts.out))         # before minutes of measuring, and never over an earlier report
     report = run(opts, log_stderr)
     print(markdown_table(report))
     print(f"wrote {Path(opts.out) / 'bench.json'}, bench.md, bench.png"

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from minilm.config import ModelConfig
@@ -42,6 +44,14 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
+def read_json(path: Path) -> Any:
+    """A JSON file of a run directory; a damaged one is a one-line error that names it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise MinilmError(f"{path} is damaged: not valid JSON ({err})") from err
+
+
 def save_weights(model: PreTrained, path: Path) -> None:
     """safetensors; tied matrices are stored once and re-tied on load."""
     tmp = path.with_name(path.name + ".tmp")
@@ -54,6 +64,8 @@ def load_weights(model: PreTrained, path: Path) -> PreTrained:
     file belongs to another architecture), reported by safetensors as missing/unexpected keys."""
     try:
         load_model(model, str(path), strict=True)
+    except SafetensorError as err:
+        raise MinilmError(f"{path} is damaged: not a complete safetensors file ({err})") from err
     except RuntimeError as err:
         first = str(err).strip().splitlines()[0]
         raise MinilmError(f"{path} does not fit the model of its config.json ({first[:200]})") from err
@@ -81,7 +93,7 @@ def run_file(directory: str | Path, name: str) -> Path:
 
 def load_model_config(directory: str | Path) -> tuple[ModelConfig, str]:
     """A run directory's architecture and the head it was saved with (config.json)."""
-    fields = json.loads(run_file(directory, "config.json").read_text())
+    fields = read_json(run_file(directory, "config.json"))
     if "model_type" in fields:
         raise MinilmError(f"{directory} is a Hugging Face model directory (config.json has a model_type): read it "
                           f"with minilm.hf.from_hf, or finetune.py --init hf:{directory}")
@@ -107,7 +119,9 @@ def load_model_dir(directory: str | Path, weights_name: str = "model.safetensors
 
 def new_run_dir(out: Path, hint: str = "pass --out a new directory") -> None:
     """Create `out` for a new run (or export); never write into an existing, non-empty one."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise MinilmError(f"{out} is a file, not a directory: name a new directory")
+    if out.is_dir() and any(out.iterdir()):
         raise MinilmError(f"{out} already exists and is not empty; {hint}")
     out.mkdir(parents=True, exist_ok=True)
 
@@ -141,4 +155,8 @@ def load_state(run_dir: Path, model: PreTrained) -> dict:
     if not (state / "trainer.pt").is_file():
         raise MinilmError(f"no resume state in {run_dir}/state: start a new run instead of --resume")
     load_weights(model, state / "model.safetensors")
-    return torch.load(state / "trainer.pt", weights_only=True, map_location="cpu")
+    try:
+        return torch.load(state / "trainer.pt", weights_only=True, map_location="cpu")
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise MinilmError(f"{state / 'trainer.pt'} is damaged ({str(err).splitlines()[0][:200]}): "
+                          "the run cannot be resumed") from err

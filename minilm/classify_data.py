@@ -36,7 +36,7 @@ from typing import Any, Literal, Protocol, get_args
 import numpy as np
 import torch
 
-from minilm.checkpoint import write_json
+from minilm.checkpoint import read_json, run_file, write_json
 from minilm.data import load_tokenizer, step_rng
 from minilm.errors import MinilmError, import_transformers
 
@@ -407,10 +407,11 @@ class LabelSet:
 
     @classmethod
     def load(cls, directory: str | Path) -> LabelSet:
-        path = Path(directory) / cls.FILE
-        if not path.is_file():
-            raise MinilmError(f"{path} not found: is {directory} a run directory made by finetune.py?")
-        return cls(json.loads(path.read_text())["labels"])
+        path = run_file(directory, cls.FILE)
+        saved = read_json(path)
+        if not isinstance(saved, dict) or not isinstance(saved.get("labels"), list):
+            raise MinilmError(f"{path} is damaged: it has no list of labels")
+        return cls(saved["labels"])
 
 
 def balanced_class_weights(counts: torch.Tensor) -> torch.Tensor:

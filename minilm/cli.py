@@ -14,12 +14,15 @@ from minilm.training import Interrupted, Precision
 
 
 def main_guard(main: Callable[[], int], resumable: bool = False) -> int:
-    """Run a CLI's main(); MinilmError -> 'error: …' on stderr and exit 2, Ctrl-C -> exit 130.
+    """Run a CLI's main(); MinilmError or OSError -> 'error: …' on stderr and exit 2, Ctrl-C -> exit 130.
     resumable: the script has --resume, so an interrupted training run says how to continue it."""
     try:
         return main()
     except MinilmError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:      # a path the user gave cannot be read or written: no traceback for that
+        print(f"error: {err.filename}: {err.strerror}" if err.filename else f"error: {err}", file=sys.stderr)
         return 2
     except Interrupted as stop:
         saved = f": the state is saved in {stop.run_dir}/state; continue with --resume --out {stop.run_dir}"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args, get_origin, get_type_hints
@@ -59,6 +60,22 @@ def check_choices(settings: object, error: type[Exception] = ValueError, as_flag
             label = f"{flag(name)} " if as_flags else f"{name}="
             listed = ", ".join(str(v) for v in allowed if v is not None)
             raise error(f"{label}{value!r}; choose one of {listed}")
+
+
+def check_ranges(settings: object, error: type[Exception] = ValueError, as_flags: bool = False, *,
+                 positive: Iterable[str] = (), non_negative: Iterable[str] = (),
+                 fractions: Iterable[str] = ()) -> None:
+    """Raise `error` for the first field of `settings` out of its range: `positive` ones must be
+    > 0, `non_negative` ones >= 0, `fractions` in [0, 1). None (not set) passes; NaN fails
+    every test. as_flags: name the field as its command-line flag."""
+    ranges = ((positive, "> 0", lambda v: v > 0), (non_negative, ">= 0", lambda v: v >= 0),
+              (fractions, "in [0, 1)", lambda v: 0 <= v < 1))
+    for names, bound, ok in ranges:
+        for name in names:
+            value = getattr(settings, name)
+            if value is not None and not ok(value):
+                label = f"{flag(name)} must be" if as_flags else f"{name}={value} must be"
+                raise error(f"{label} {bound}" + (f", got {value}" if as_flags else ""))
 
 
 @dataclass
@@ -104,14 +121,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        for name in ("vocab_size", "max_seq_len", "d_model", "n_heads", "n_kv_heads", "d_ff", "num_labels"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
-        if self.n_layers < 0:           # 0 is allowed: embeddings straight into the head (a bigram model)
-            raise ValueError(f"n_layers={self.n_layers} must be >= 0")
-        for name in ("dropout", "attn_dropout"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1)")
+        # n_layers 0 is allowed: embeddings straight into the head (a bigram model)
+        check_ranges(self, positive=("vocab_size", "max_seq_len", "d_model", "n_heads", "n_kv_heads", "d_ff",
+                                     "num_labels"),
+                     non_negative=("n_layers",), fractions=("dropout", "attn_dropout"))
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:

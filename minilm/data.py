@@ -205,7 +205,7 @@ def _read_jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
                 if not isinstance(text, str):
                     raise MinilmError(
                         f"{path}:{line_number}: no string field {text_field!r}; "
-                        "set the text field option to the name of the field that holds the text"
+                        "name the field that holds the text (train.py --text-field NAME)"
                     )
                 try:
                     text.encode("utf-8")

@@ -25,7 +25,6 @@ the better choice (--metric macro_f1) for imbalanced labels.
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 import time
@@ -37,12 +36,13 @@ from typing import Literal, get_args
 import torch
 import torch.nn.functional as F
 
-from minilm.checkpoint import load_model_config, load_model_dir, load_weights, new_run_dir, save_model_dir, write_json
+from minilm.checkpoint import (load_model_config, load_model_dir, load_weights, new_run_dir, read_json, run_file,
+                               save_model_dir, write_json)
 from minilm.classify_data import (DEFAULT_DATASET, EncodedTexts, Header, HFTextEncoder, LabelledData, LabelSet,
                                   LengthBucketBatches, MinilmTextEncoder, TextEncoder, balanced_class_weights,
                                   eval_batches, load_text_encoder, pad_batch, read_default_dataset,
                                   read_labelled, split_validation)
-from minilm.config import (SHAPE_FIELDS, ModelConfig, NormPosition, Pooling, check_choices, flag, preset,
+from minilm.config import (SHAPE_FIELDS, ModelConfig, NormPosition, Pooling, check_choices, check_ranges, flag, preset,
                            shape_overrides)
 from minilm.errors import MinilmError
 from minilm.model import PreTrained, SequenceClassifier
@@ -352,22 +352,16 @@ def resolve_loop(cfg: FinetuneConfig, batches_per_epoch: int) -> tuple[LoopConfi
 def check_options(cfg: FinetuneConfig) -> None:
     """Fail on a bad option before any work (the CLI's argparse already restricts them)."""
     check_choices(cfg, MinilmError, as_flags=True)
-    if not 0 <= cfg.token_mask < 1:
-        raise MinilmError(f"--token-mask must be in [0, 1), got {cfg.token_mask}")
-    if not 0 <= cfg.label_smoothing < 1:
-        raise MinilmError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
-    if cfg.dropout is not None and not 0 <= cfg.dropout < 1:
-        raise MinilmError(f"--dropout must be in [0, 1), got {cfg.dropout}")
-    for name in ("epochs", "batch_size", "eval_batch_size", "max_length"):
-        value = getattr(cfg, name)
-        if value is not None and not value > 0:
-            raise MinilmError(f"{flag(name)} must be > 0, got {value}")
+    check_ranges(cfg, MinilmError, as_flags=True, positive=("epochs", "batch_size", "eval_batch_size", "max_length"),
+                 fractions=("token_mask", "label_smoothing", "dropout"))
     if cfg.init != "scratch":
         scratch_only = [flag(name) for name in (*SHAPE_FIELDS, "like", "tokenizer")
                         if getattr(cfg, name) is not None]
         if scratch_only:
             raise MinilmError(f"{', '.join(scratch_only)}: for --init scratch only; --init {cfg.init} brings its "
                               "own architecture and tokenizer")
+    if cfg.like is not None and not Path(cfg.like).is_dir():
+        raise MinilmError(f"--like {cfg.like}: no such run directory")
 
 
 def resolve_max_length(cfg: FinetuneConfig, config: ModelConfig, pairs: bool) -> int:
@@ -514,7 +508,7 @@ def load_run(run_dir: str | Path, weights: Weights = "best") -> FinetunedRun:
         raise MinilmError(f"--weights {weights!r}: choose one of {', '.join(WEIGHT_FILES)}")
     model = load_model_dir(run_dir, WEIGHT_FILES[weights], head="classify")
     labels = LabelSet.load(run_dir)
-    train_config = json.loads((run_dir / "train_config.json").read_text())
+    train_config = read_json(run_file(run_dir, "train_config.json"))
     if len(labels) != model.config.num_labels:
         raise MinilmError(f"{run_dir}: labels.json lists {len(labels)} labels but the model has "
                           f"{model.config.num_labels} outputs; the run directory is inconsistent")

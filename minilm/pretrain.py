@@ -15,7 +15,6 @@ For rtd: the generator's MLM loss and accuracy and the detection loss and accura
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -25,8 +24,8 @@ from typing import Literal
 import torch
 
 from minilm import data
-from minilm.checkpoint import new_run_dir, save_model_dir, write_json
-from minilm.config import Attention, ModelConfig, NormPosition, check_choices, flag, preset, shape_overrides
+from minilm.checkpoint import new_run_dir, read_json, save_model_dir, write_json
+from minilm.config import Attention, ModelConfig, NormPosition, check_choices, check_ranges, flag, preset, shape_overrides
 from minilm.errors import MinilmError
 from minilm.model import HEADS, PreTrained, ReplacedTokenDetection
 from minilm.objectives import RTD_WEIGHT, bits_per_char, mask_tokens, perplexity, summed_nll
@@ -87,14 +86,17 @@ def resumed_config(cli: PretrainConfig, given: set[str]) -> PretrainConfig:
     path = Path(cli.out) / "train_config.json"
     if not path.is_file():
         raise MinilmError(f"--resume: {path} not found; is {cli.out} a train.py run directory?")
-    saved_fields = json.loads(path.read_text())
+    saved_fields = read_json(path)
+    if "init" in saved_fields:
+        raise MinilmError(f"{cli.out} is a finetune.py run: --resume continues train.py runs only")
     loop_fields = saved_fields.pop("loop", {})
     try:
         saved = PretrainConfig(**saved_fields, loop=LoopConfig(**loop_fields))
     except TypeError as err:
         raise MinilmError(f"{path}: {err}") from err
     loop_names = {f.name for f in fields(LoopConfig)}
-    changes: dict = {"resume": True}
+    # the run is where it is now: a copied or moved run directory continues in place
+    changes: dict = {"resume": True, "out": cli.out}
     loop_changes: dict = {}
     for name in sorted(given - {"out", "resume"}):
         on_loop = name in loop_names
@@ -289,6 +291,8 @@ def run(cfg: PretrainConfig) -> dict:
     check_choices(cfg, MinilmError, as_flags=True)
     if cfg.whole_word_mask and cfg.objective == "clm":
         raise MinilmError("--whole-word-mask is for --objective mlm or rtd: a causal LM masks nothing")
+    check_ranges(cfg, MinilmError, as_flags=True,
+                 positive=("seq_len", "batch_size", "eval_tokens", "tokenizer_sentences", "generator_layers"))
     if not 0 < cfg.mask_prob <= 1:
         raise MinilmError(f"--mask-prob must be in (0, 1], got {cfg.mask_prob}")
     out = Path(cfg.out)
@@ -318,16 +322,13 @@ def run(cfg: PretrainConfig) -> dict:
     else:
         get_batch, evaluate = mlm_batches(cfg, prepared, tok), mlm_evaluate(cfg, prepared, tok, device)
 
-    if not cfg.resume:
-        save_model_dir(model, out)  # config.json now, weights replaced at the end
-    write_json(out / "train_config.json", asdict(cfg))     # on resume: with the new budget, if any
     trainer = Trainer(model, get_batch, cfg.loop, out, device, dtype, evaluate=evaluate)
     if cfg.resume:
-        trainer.resume()
-        if trainer.progress() >= 1:
-            raise MinilmError(f"{out} has already spent its budget (step {trainer.step}): give a larger "
-                              "--max-steps, --max-tokens or --time-budget to train it further")
+        trainer.resume()            # refuses a run that has spent its budget, before writing anything
         say(f"resumed at step {trainer.step}")
+    else:
+        save_model_dir(model, out)  # config.json now, weights replaced at the end
+    write_json(out / "train_config.json", asdict(cfg))     # on resume: with the new budget, if any
     prep_seconds = time.perf_counter() - wall0
     result = trainer.fit()
     summary = {**result, "weights": "model.safetensors = final; best.safetensors = best by val_loss",

@@ -108,7 +108,8 @@ def run(args: argparse.Namespace) -> None:
                           "encoding") from err
     device = resolve_device(args.device)
     if not args.run_dir.is_dir():
-        raise MinilmError(f"run directory {args.run_dir} not found: pass the --out directory of a training run")
+        what = "is a file, not a run directory" if args.run_dir.exists() else "not found"
+        raise MinilmError(f"{args.run_dir} {what}: pass the --out directory of a training run")
 
     model = load_model_dir(args.run_dir, weights_name=args.weights).to(device)
     tokenizer = load_tokenizer(args.run_dir / "tokenizer")

@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from minilm.checkpoint import load_state, save_state, save_weights
-from minilm.config import check_choices, flag
+from minilm.config import check_choices, check_ranges
 from minilm.errors import MinilmError
 from minilm.model import PreTrained
 
@@ -242,16 +242,8 @@ class LoopConfig:
         budgets = {"max_steps": self.max_steps, "max_tokens": self.max_tokens, "time_budget": self.time_budget}
         if all(b is None for b in budgets.values()):
             raise MinilmError("no training budget: give --max-steps, --max-tokens or --time-budget")
-        positive = {**{name: value for name, value in budgets.items() if value is not None},
-                    "lr": self.lr, "grad_accum": self.grad_accum, "log_every": self.log_every}
-        non_negative = {"warmup_steps": self.warmup_steps, "eval_every": self.eval_every, "save_every": self.save_every,
-                        "patience": self.patience, "weight_decay": self.weight_decay, "grad_clip": self.grad_clip}
-        for name, value in positive.items():
-            if not value > 0:       # "not >" also catches NaN
-                raise MinilmError(f"{flag(name)} must be > 0, got {value}")
-        for name, value in non_negative.items():
-            if not value >= 0:
-                raise MinilmError(f"{flag(name)} must be >= 0, got {value}")
+        check_ranges(self, MinilmError, as_flags=True, positive=(*budgets, "lr", "grad_accum", "log_every"),
+                     non_negative=("warmup_steps", "eval_every", "save_every", "patience", "weight_decay", "grad_clip"))
         if not 0 <= self.min_lr_ratio <= 1:
             raise MinilmError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not 0 < self.layer_lr_decay <= 1:
@@ -339,6 +331,9 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         self.step, self.tokens, self.train_seconds = state["step"], state["tokens"], state["train_seconds"]
         self.best, self.evals_without_improvement = state["best"], state["evals_without_improvement"]
+        if self.progress() >= 1:
+            raise MinilmError(f"{self.run_dir} has already spent its budget (step {self.step}): give a larger "
+                              "--max-steps, --max-tokens or --time-budget to train it further")
         # drop log lines written after the state was saved: they will be written again
         metrics = self.run_dir / "metrics.jsonl"
         if metrics.exists():

@@ -80,6 +80,10 @@ def test_cli_writes_table_json_and_plots(tmp_path, capsys):
     assert "| mlm-train |" in table and "| seq len | manual ms | sdpa ms |" in table
     for png in ("bench.png", "attention.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    before = (out / "bench.json").read_bytes()
+    with pytest.raises(bench.MinilmError, match="already exists and is not empty"):
+        bench.main(TINY + ["--out", str(out)])          # an earlier report is never overwritten
+    assert (out / "bench.json").read_bytes() == before
 
 
 def test_cli_exits_1_and_marks_a_refused_workload(tmp_path, capsys, monkeypatch):
@@ -108,6 +112,8 @@ def test_mfu_needs_a_known_device(monkeypatch):
 def test_bad_options_are_user_errors():
     with pytest.raises(bench.MinilmError, match="unknown workloads"):
         bench.parse_args(["--workloads", "mlm-train,nope"])
+    with pytest.raises(bench.MinilmError, match="--workloads names none"):
+        bench.parse_args(["--workloads", " , "])
     with pytest.raises(bench.MinilmError, match="sweep-lengths"):
         bench.parse_args(["--sweep-lengths", "128,abc"])
 

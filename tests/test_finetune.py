@@ -273,6 +273,11 @@ def test_scratch_learns_the_task_then_predicts(task, tmp_path, capsys):
     assert finetune.main(["predict", str(out), "--file", str(texts)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and lines[0].startswith("pos") and lines[1].startswith("neg")
+    for content, message in ((b"good \xff story\n", "is not UTF-8 text (byte 5)"), (b"\n  \n", "has no text")):
+        texts.write_bytes(content)
+        assert main_guard(lambda: finetune.main(["predict", str(out), "--file", str(texts)])) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
     assert main_guard(lambda: finetune.main(["predict", str(out), "--text", "good", "--pair", "story"])) == 2
     assert "trained on single texts: leave out --pair" in capsys.readouterr().err
     assert main_guard(lambda: finetune.main(["predict", str(out), "--text", "bad \udcff byte"])) == 2
@@ -282,6 +287,33 @@ def test_scratch_learns_the_task_then_predicts(task, tmp_path, capsys):
     code = main_guard(lambda: finetune.main(["--data", str(train_csv), "--out", str(out), "--max-steps", "1"]))
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error:") and err.count("\n") == 1 and "not empty" in err
+
+
+@pytest.mark.parametrize("name, damage, message", [
+    ("config.json", "truncate", "config.json is damaged: not valid JSON"),
+    ("best.safetensors", "truncate", "best.safetensors is damaged: not a complete safetensors file"),
+    ("labels.json", "truncate", "labels.json is damaged: not valid JSON"),
+    ("labels.json", "empty object", "labels.json is damaged: it has no list of labels"),
+    ("train_config.json", "truncate", "train_config.json is damaged: not valid JSON"),
+    ("train_config.json", "delete", "train_config.json not found"),
+])
+def test_a_damaged_run_directory_is_a_one_line_error_naming_the_file(task, tmp_path, capsys, name, damage, message):
+    out = tmp_path / "run"
+    assert finetune.main(["--data", str(task[0]), "--out", str(out), "--max-steps", "1", "--vocab-size", "400",
+                          *QUICK]) == 0
+    path = out / name
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[:30])
+    elif damage == "delete":
+        path.unlink()
+    else:
+        path.write_text("{}")
+    capsys.readouterr()
+    for argv in (["predict", str(out), "--text", "a fine film"], ["export", str(out), str(tmp_path / "hf")]):
+        assert main_guard(lambda: finetune.main(argv)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "hf").exists()
 
 
 @pytest.fixture(scope="module")
@@ -519,10 +551,12 @@ def test_finetune_from_a_hugging_face_directory(task, tmp_path):
     (["--eval-batch-size", "0"], "--eval-batch-size must be > 0"),
     (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
     (["--max-length", "2"], "--max-length 2 leaves no room for text"),
+    (["--like", "NOT_A_RUN"], "--like NOT_A_RUN: no such run directory"),
 ])
 def test_cli_errors_are_one_line_exit_2(task, tmp_path, capsys, args, expected):
     args = [a.replace("MISSING", str(tmp_path / "missing")).replace("NOT_A_RUN", str(tmp_path / "none"))
             for a in args]
+    expected = expected.replace("NOT_A_RUN", str(tmp_path / "none"))
     if args[0] != "predict":
         args += ["--out", str(tmp_path / "out"), "--max-steps", "1", "--vocab-size", "400", *QUICK]
         if "--data" not in args:

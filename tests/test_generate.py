@@ -336,6 +336,8 @@ def test_sample_cli_masked(tmp_path, tok, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["{missing}"], "not found"),
+    (["{file}"], "is a file, not a run directory"),
+    (["{damaged}"], "model.safetensors is damaged: not a complete safetensors file"),
     (["{run}", "--top-p", "1.5"], "top_p"),
     (["{run}", "--temperature", "-1"], "temperature"),
     (["{run}", "--num-samples", "0"], "--num-samples"),
@@ -346,7 +348,10 @@ def test_sample_cli_masked(tmp_path, tok, capsys):
 ])
 def test_sample_cli_user_errors_are_one_line(tmp_path, tok, capsys, argv, message):
     run = make_run_dir(tmp_path / "gpt", CausalLM(tiny_config(tok, "gpt-mini")), tok)
-    argv = [a.format(missing=tmp_path / "nope", run=run) for a in argv]
+    damaged = make_run_dir(tmp_path / "damaged", CausalLM(tiny_config(tok, "gpt-mini")), tok)
+    (damaged / "model.safetensors").write_bytes((damaged / "model.safetensors").read_bytes()[:1000])
+    (tmp_path / "file").write_text("not a run\n")
+    argv = [a.format(missing=tmp_path / "nope", run=run, file=tmp_path / "file", damaged=damaged) for a in argv]
     assert main(argv) == 2
     captured = capsys.readouterr()
     assert captured.out == ""

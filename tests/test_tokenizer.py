@@ -388,7 +388,7 @@ def test_bad_utf8_file(tmp_path):
 
 
 def test_load_errors_are_clear(tok, tmp_path):
-    with pytest.raises(ValueError, match=r"not found.*Tokenizer\.save"):
+    with pytest.raises(ValueError, match=r"not found.*saved tokenizer directory"):
         Tokenizer.load(tmp_path / "missing")
     d = tmp_path / "tok"
     tok.save(d)

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 
 import pytest
@@ -169,17 +170,52 @@ def test_ctrl_c_then_resume_with_only_out_continues_the_run_as_saved(corpus, tmp
 def test_resume_keeps_the_runs_settings_and_takes_only_a_new_budget(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     assert train.main(tiny_args(corpus, out, "clm", "--max-steps", "3")) == 0
-    before = (out / "model.safetensors").read_bytes()
+    files = ("model.safetensors", "train_config.json", "metrics.jsonl", "summary.json")
+    before = {name: (out / name).read_bytes() for name in files}
     for flags, message in ((["--lr", "0.5"], "--lr 0.5 differs from this run's 0.002"),
                            (["--seq-len", "16"], "--seq-len 16 differs from this run's 32"),
                            ([], "has already spent its budget (step 3)")):
         assert main_guard(lambda: train.main(["--out", str(out), "--resume", *flags])) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1
-    assert (out / "model.safetensors").read_bytes() == before
+    assert {name: (out / name).read_bytes() for name in files} == before      # a refused resume writes nothing
     assert train.main(["--out", str(out), "--resume", "--max-steps", "5"]) == 0      # train it further
     assert json.loads((out / "summary.json").read_text())["steps"] == 5
     assert json.loads((out / "train_config.json").read_text())["loop"]["max_steps"] == 5
+
+
+def test_a_copied_or_moved_run_resumes_where_it_is_now(corpus, tmp_path):
+    """train_config.json records the --out a run was started with; resuming a copy must train
+    the copy, not write into the original (and a moved run must still be found)."""
+    original = tmp_path / "run"
+    assert train.main(tiny_args(corpus, original, "clm", "--max-steps", "3")) == 0
+    before = {p.name: p.read_bytes() for p in original.iterdir() if p.is_file()}
+    copy, moved = tmp_path / "copy", tmp_path / "moved"
+    shutil.copytree(original, copy)
+    assert train.main(["--out", str(copy), "--resume", "--max-steps", "5"]) == 0
+    assert json.loads((copy / "summary.json").read_text())["steps"] == 5
+    assert json.loads((copy / "train_config.json").read_text())["out"] == str(copy)
+    assert {p.name: p.read_bytes() for p in original.iterdir() if p.is_file()} == before
+    original.rename(moved)
+    assert train.main(["--out", str(moved), "--resume", "--max-steps", "4"]) == 0
+    assert json.loads((moved / "summary.json").read_text())["steps"] == 4
+
+
+def test_damaged_or_foreign_run_directories_are_one_line_errors_on_resume(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(tiny_args(corpus, out, "clm", "--max-steps", "3")) == 0
+    (out / "state" / "trainer.pt").write_bytes((out / "state" / "trainer.pt").read_bytes()[:100])
+    assert main_guard(lambda: train.main(["--out", str(out), "--resume", "--max-steps", "5"])) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "state/trainer.pt is damaged" in err and "cannot be resumed" in err
+    config = (out / "train_config.json").read_text()
+    (out / "train_config.json").write_text(config[:40])
+    assert main_guard(lambda: train.main(["--out", str(out), "--resume"])) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train_config.json is damaged: not valid JSON" in err
+    (out / "train_config.json").write_text(json.dumps({**json.loads(config), "init": "scratch"}))
+    assert main_guard(lambda: train.main(["--out", str(out), "--resume"])) == 2
+    assert "is a finetune.py run: --resume continues train.py runs only" in capsys.readouterr().err
 
 
 def test_existing_run_is_not_overwritten(corpus, tmp_path, capsys):
@@ -196,9 +232,15 @@ def test_existing_run_is_not_overwritten(corpus, tmp_path, capsys):
     (["--objective", "mlm", "--mask-prob", "0"], "--mask-prob must be in (0, 1], got 0.0"),
     (["--n-heads", "0"], "model shape: n_heads=0 must be > 0"),
     (["--dropout", "1.5"], "model shape: dropout=1.5 must be in [0, 1)"),
+    (["--eval-tokens", "0"], "--eval-tokens must be > 0, got 0"),     # scored an empty window as loss 0
+    (["--batch-size", "0"], "--batch-size must be > 0, got 0"),
+    (["--out", "{file}"], "is a file, not a directory"),
+    (["--out", "{file}/run"], "Not a directory"),
 ])
 def test_bad_settings_are_one_line_errors_and_leave_no_model(corpus, tmp_path, capsys, args, message):
     out = tmp_path / "run"
+    (tmp_path / "file").write_text("")
+    args = [a.format(file=tmp_path / "file") for a in args]
     code = main_guard(lambda: train.main(tiny_args(corpus, out, "clm", "--max-steps", "1", *args)))
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and message in err, err

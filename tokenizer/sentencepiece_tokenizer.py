@@ -328,7 +328,8 @@ class Tokenizer:
         m = re.search(r"smaller than required_chars\. \d+ vs (\d+)", msg)
         if m:
             return ValueError(
-                f"vocab_size={vocab_size} is too small: the corpus has many distinct characters; use vocab_size >= {m.group(1)}"
+                f"vocab_size={vocab_size} is too small: the vocabulary holds the special tokens, the 256 byte pieces "
+                f"and the corpus's characters; use vocab_size >= {m.group(1)}"
             )
         return ValueError(f"SentencePiece training failed: {msg}")
 
@@ -352,7 +353,7 @@ class Tokenizer:
         """Load a tokenizer written by :meth:`save`. Raises ValueError if missing or corrupt."""
         directory = Path(directory)
         model_path, config_path = directory / MODEL_FILE, directory / CONFIG_FILE
-        hint = "point to a directory written by Tokenizer.save (or retrain with Tokenizer.train)"
+        hint = "point to a saved tokenizer directory (tokenizer.model + tokenizer.json, such as a run's tokenizer/)"
         for path in (model_path, config_path):
             if not path.is_file():
                 raise ValueError(f"tokenizer file not found: {str(path)!r}; {hint}")

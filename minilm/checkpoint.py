@@ -23,7 +23,7 @@ import os
 import pickle
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError
@@ -42,6 +42,11 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+# A run directory's two sets of weights: after the last step, and at the best validation score
+Weights = Literal["final", "best"]
+WEIGHT_FILES: dict[str, str] = {"final": "model.safetensors", "best": "best.safetensors"}
 
 
 def read_json(path: Path) -> Any:

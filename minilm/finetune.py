@@ -36,8 +36,8 @@ from typing import Literal, get_args
 import torch
 import torch.nn.functional as F
 
-from minilm.checkpoint import (load_model_config, load_model_dir, load_weights, new_run_dir, read_json, run_file,
-                               save_model_dir, write_json)
+from minilm.checkpoint import (WEIGHT_FILES, Weights, load_model_config, load_model_dir, load_weights, new_run_dir,
+                               read_json, run_file, save_model_dir, write_json)
 from minilm.classify_data import (DEFAULT_DATASET, EncodedTexts, Header, HFTextEncoder, LabelledData, LabelSet,
                                   LengthBucketBatches, MinilmTextEncoder, TextEncoder, balanced_class_weights,
                                   eval_batches, load_text_encoder, pad_batch, read_default_dataset,
@@ -58,9 +58,6 @@ METRICS: dict[str, str] = {name: f"val_{name}" for name in get_args(Metric)}   #
 # take larger ones. Values in the range the BERT papers use for models of these sizes.
 DEFAULT_LR = {"hf": 5e-5, "run": 2e-4, "scratch": 5e-4, "frozen": 1e-3}
 HF_PREFIX = "hf:"
-# A run directory's two sets of weights: after the last step, and at the best validation score
-Weights = Literal["final", "best"]
-WEIGHT_FILES: dict[str, str] = {"final": "model.safetensors", "best": "best.safetensors"}
 # BERT's finetuning recipe, where it differs from LoopConfig's pretraining defaults: linear
 # decay to 0, light weight decay, Adam's usual β2 (short runs do not need 0.95's faster forgetting)
 FINETUNE_LOOP = {"schedule": "linear", "min_lr_ratio": 0.0, "weight_decay": 0.01, "beta2": 0.999}

@@ -4,6 +4,8 @@
     to_hf(minilm_model, directory=None)       -> the matching transformers model (and saves it)
     config_from_hf(hf_config) -> ModelConfig;  config_to_hf(config, head) -> transformers config
 
+    python -m minilm.hf export RUN_DIR OUT_DIR [--weights final|best]    # a train.py run, for transformers
+
 `transformers` is optional. Reading a local directory (config.json + model.safetensors or
 pytorch_model.bin) needs only `json` and `safetensors`; building a transformers model
 (`to_hf`, `config_to_hf`) needs `pip install 'minilm[hf]'`.
@@ -40,17 +42,23 @@ Each family is one table of name mappings (`FAMILIES`); the code below only walk
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
+import shutil
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, get_args
 
 import torch
 from torch import Tensor, nn
 
+from minilm.checkpoint import WEIGHT_FILES, Weights, load_model_config, load_model_dir, new_run_dir
+from minilm.cli import HelpFormatter, main_guard
 from minilm.config import ModelConfig
+from minilm.data import load_tokenizer
 from minilm.errors import MinilmError, import_transformers
 from minilm.model import HEADS, CausalLM, MaskedLM, SequenceClassifier
 
@@ -373,8 +381,10 @@ def config_to_hf(config: ModelConfig, head: str) -> Any:
     act = "gelu" if c.mlp == "gelu" else "gelu_new"
     labels = {"id2label": {i: f"LABEL_{i}" for i in range(c.num_labels)},
               "label2id": {f"LABEL_{i}": i for i in range(c.num_labels)}}
+    # bos/eos: a tokenizer's, which a ModelConfig does not know (export_run sets a run's); GPT-2's
+    # default 50256 would lie outside a small vocabulary
     common = dict(vocab_size=c.vocab_size, initializer_range=c.init_std, pad_token_id=c.pad_token_id,
-                  tie_word_embeddings=c.tie_embeddings, architectures=[FAMILIES[family].classes[head]],
+                  bos_token_id=None, eos_token_id=None, tie_word_embeddings=c.tie_embeddings, architectures=[FAMILIES[family].classes[head]],
                   **labels)
     if family == "bert":
         return transformers.BertConfig(
@@ -601,3 +611,50 @@ def to_hf(model: nn.Module, directory: str | Path | None = None, *, overwrite: b
         directory.mkdir(parents=True, exist_ok=True)
         hf_model.save_pretrained(directory)
     return hf_model
+
+
+# --------------------------------------------------------------------------------------
+# command line: python -m minilm.hf export RUN_DIR OUT_DIR
+# --------------------------------------------------------------------------------------
+def export_run(run_dir: str | Path, out_dir: str | Path, weights: Weights = "final") -> Path:
+    """A train.py run (masked or causal LM) as a directory that transformers'
+    AutoModelForMaskedLM / AutoModelForCausalLM loads. Its SentencePiece tokenizer, which
+    transformers cannot read, is copied to minilm_tokenizer/. Classifiers: finetune.py export."""
+    run_dir, out = Path(run_dir), Path(out_dir)
+    if load_model_config(run_dir)[1] == "classify":
+        raise MinilmError(f"{run_dir} is a finetune.py run: export it with finetune.py export, which also "
+                          "writes its labels")
+    hf_model = to_hf(load_model_dir(run_dir, WEIGHT_FILES[weights]))   # refuses shapes no HF family has
+    tokenizer = run_dir / "tokenizer"
+    if tokenizer.is_dir():      # its special ids, so that generate() stops at the run's </s>
+        tok = load_tokenizer(tokenizer)
+        for settings in (hf_model.config, getattr(hf_model, "generation_config", None)):
+            if settings is not None:
+                settings.bos_token_id, settings.eos_token_id, settings.pad_token_id = tok.bos_id, tok.eos_id, tok.pad_id
+    new_run_dir(out, hint="pass OUT_DIR a new directory")
+    hf_model.save_pretrained(out)
+    if tokenizer.is_dir():
+        shutil.copytree(tokenizer, out / "minilm_tokenizer")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m minilm.hf", formatter_class=HelpFormatter,
+                                description="Export a train.py run as a Hugging Face transformers model directory "
+                                            "(finetune.py export does the same for classifiers).")
+    commands = p.add_subparsers(dest="command", required=True)
+    e = commands.add_parser("export", formatter_class=HelpFormatter, help="RUN_DIR -> OUT_DIR (config.json, "
+                            "model.safetensors, minilm_tokenizer/)")
+    e.add_argument("run_dir", help="a train.py run directory (--objective clm or mlm)")
+    e.add_argument("out_dir", help="a new directory")
+    e.add_argument("--weights", choices=get_args(Weights), default="final",
+                   help="model.safetensors (final) or best.safetensors (best by validation loss)")
+    args = p.parse_args(argv)
+    out = export_run(args.run_dir, args.out_dir, args.weights)
+    kind = "MaskedLM" if load_model_config(args.run_dir)[1] == "mlm" else "CausalLM"
+    print(f"wrote {out}/: transformers.AutoModelFor{kind}.from_pretrained({str(out)!r}) loads it")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_guard(main))

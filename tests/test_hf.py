@@ -16,7 +16,11 @@ transformers = pytest.importorskip("transformers")
 from minilm import CausalLM, MaskedLM, SequenceClassifier, preset  # noqa: E402
 from minilm.config import ATTENTIONS  # noqa: E402
 from minilm.errors import MinilmError  # noqa: E402
+from minilm import hf as hf_cli  # noqa: E402
+from minilm.checkpoint import save_model_dir, save_weights  # noqa: E402
+from minilm.cli import main_guard  # noqa: E402
 from minilm.hf import config_from_hf, config_to_hf, from_hf, to_hf  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
 
 TOL = 1e-4
 V, PAD, LABELS = 96, 0, 3
@@ -221,6 +225,48 @@ def test_export_directory_loads_in_transformers(name, tmp_path):
     with pytest.raises(MinilmError, match="not empty"):          # never overwrite silently
         to_hf(model, out)
     to_hf(model, out, overwrite=True)
+
+
+@pytest.mark.parametrize("name", ["bert-mlm", "gpt-clm", "llama-clm"])
+def test_export_cli_writes_a_run_as_a_transformers_directory(name, tmp_path, capsys):
+    tok = Tokenizer.train([f"the {w} sat on mat {n} near {n * 7} trees" for w in ("cat", "dog", "bird", "fox")
+                           for n in range(200)], vocab_size=320, model_type="bpe")
+    preset_name, cls, _, _ = MINILM[name]
+    models = []
+    for seed in (0, 1):                 # final and best: two different sets of weights
+        torch.manual_seed(seed)
+        models.append(cls(preset(preset_name, vocab_size=tok.vocab_size, max_seq_len=64, n_layers=2)).eval())
+        scramble(models[-1], seed)
+    run = tmp_path / "run"
+    save_model_dir(models[0], run)
+    save_weights(models[1], run / "best.safetensors")
+    tok.save(run / "tokenizer")
+    assert hf_cli.main(["export", str(run), str(tmp_path / "out")]) == 0
+    assert "from_pretrained" in capsys.readouterr().out
+    hf = getattr(transformers, AUTO[cls]).from_pretrained(tmp_path / "out", attn_implementation="eager")
+    assert Tokenizer.load(tmp_path / "out" / "minilm_tokenizer").encode("the cat sat") == tok.encode("the cat sat")
+    assert (hf.config.bos_token_id, hf.config.eos_token_id, hf.config.pad_token_id) == (tok.bos_id, tok.eos_id,
+                                                                                         tok.pad_id)
+    inputs = batch(with_types=False)
+    with torch.no_grad():
+        assert max_diff(models[0](**inputs).logits, hf.eval()(**inputs).logits, inputs["attention_mask"]) <= TOL
+    assert hf_cli.main(["export", str(run), str(tmp_path / "best"), "--weights", "best"]) == 0
+    assert_same_state(from_hf(tmp_path / "best"), models[1])
+
+
+def test_export_cli_refusals_are_one_line_and_write_nothing(tmp_path, capsys):
+    encoder = MaskedLM(preset("llama-tiny", vocab_size=V, max_seq_len=64, n_layers=2, causal=False))
+    save_model_dir(encoder, tmp_path / "encoder")                 # the SST-2 recipe's shape: no HF family
+    save_model_dir(make_minilm("bert-cls"), tmp_path / "classifier")
+    save_model_dir(make_minilm("gpt-clm"), tmp_path / "gpt")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    for run, out, message in (("encoder", "out", "Llama"), ("classifier", "out", "export it with finetune.py export"),
+                              ("gpt", "taken", "already exists and is not empty"), ("missing", "out", "not found")):
+        assert main_guard(lambda: hf_cli.main(["export", str(tmp_path / run), str(tmp_path / out)])) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "out").exists() and (tmp_path / "taken" / "keep.txt").read_text() == "mine"
 
 
 @pytest.mark.parametrize("name", ["bert-cls", "llama-clm-bias-tied"])

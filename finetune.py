@@ -158,7 +158,8 @@ def predict_main(argv: list[str]) -> int:
     p.add_argument("run_dir", help="a finetune.py run directory")
     p.add_argument("--text", action="append", default=[], help="a text to classify (repeatable)")
     p.add_argument("--pair", action="append", default=None, help="the second text of a pair, one per --text")
-    p.add_argument("--file", default=None, help="a UTF-8 file with one text per line (TEXT<TAB>PAIR for pair models); blank lines are skipped")
+    p.add_argument("--file", default=None, help="a UTF-8 file with one text per line (TEXT<TAB>PAIR for pair "
+                   "models); blank lines are skipped")
     p.add_argument("--weights", choices=get_args(Weights), default="best",
                    help="best.safetensors (best by validation) or model.safetensors (final)")
     p.add_argument("--json", action="store_true", help="one JSON object per text instead of a table")

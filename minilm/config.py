@@ -74,8 +74,8 @@ def check_ranges(settings: object, error: type[Exception] = ValueError, as_flags
         for name in names:
             value = getattr(settings, name)
             if value is not None and not ok(value):
-                label = f"{flag(name)} must be" if as_flags else f"{name}={value} must be"
-                raise error(f"{label} {bound}" + (f", got {value}" if as_flags else ""))
+                raise error(f"{flag(name)} must be {bound}, got {value}" if as_flags
+                            else f"{name}={value} must be {bound}")
 
 
 @dataclass

@@ -384,8 +384,8 @@ def config_to_hf(config: ModelConfig, head: str) -> Any:
     # bos/eos: a tokenizer's, which a ModelConfig does not know (export_run sets a run's); GPT-2's
     # default 50256 would lie outside a small vocabulary
     common = dict(vocab_size=c.vocab_size, initializer_range=c.init_std, pad_token_id=c.pad_token_id,
-                  bos_token_id=None, eos_token_id=None, tie_word_embeddings=c.tie_embeddings, architectures=[FAMILIES[family].classes[head]],
-                  **labels)
+                  bos_token_id=None, eos_token_id=None, tie_word_embeddings=c.tie_embeddings,
+                  architectures=[FAMILIES[family].classes[head]], **labels)
     if family == "bert":
         return transformers.BertConfig(
             hidden_size=c.d_model, num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads,

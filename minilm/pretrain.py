@@ -25,7 +25,8 @@ import torch
 
 from minilm import data
 from minilm.checkpoint import new_run_dir, read_json, save_model_dir, write_json
-from minilm.config import Attention, ModelConfig, NormPosition, check_choices, check_ranges, flag, preset, shape_overrides
+from minilm.config import (Attention, ModelConfig, NormPosition, check_choices, check_ranges, flag, preset,
+                           shape_overrides)
 from minilm.errors import MinilmError
 from minilm.model import HEADS, PreTrained, ReplacedTokenDetection
 from minilm.objectives import RTD_WEIGHT, bits_per_char, mask_tokens, perplexity, summed_nll

@@ -12,7 +12,8 @@
 --data is a CSV, TSV or JSON Lines file with a text column (+ an optional second text for
 pairs) and a label column; header and columns are detected, or named with flags. The run
 directory gets config.json, model.safetensors (final), best.safetensors (best by --metric),
-labels.json, tokenizer/, train_config.json, metrics.jsonl, summary.json, confusion.png.
+labels.json, tokenizer/, train_config.json, metrics.jsonl, summary.json, confusion.png,
+loss.png and state/ (the last saved training state).
 """
 
 from __future__ import annotations

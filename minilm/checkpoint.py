@@ -12,8 +12,9 @@
 
 Weights are safetensors (no pickle, so loading a downloaded run cannot run code); the
 optimizer and RNG state use torch.save and are read back with weights_only=True.
-Every file is written to a temporary name and renamed into place, so an interrupted
-write never leaves a half file that looks valid.
+The weights, the JSON files and the resume state are written to a temporary name and renamed
+into place, so an interrupted write never leaves a half file that looks valid (metrics.jsonl
+is appended to, one line per log step; a damaged JSON or weights file is reported by name).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@
       ▼                        Hugging Face AutoTokenizer; truncation to max_length
     EncodedTexts               ragged token ids + token types, one list per example
       │ LengthBucketBatches    shuffle, sort by length within chunks, cut into batches:
-      ▼                        batch(i) is a pure function of (seed, i)
+      ▼                        indices(i) is a pure function of (seed, i)
     pad_batch -> {"input_ids", "attention_mask", "token_type_ids"}, each (B, T_batch)
 
 Why bucket by length: a batch is padded to its longest example, so a batch mixing a 5-token

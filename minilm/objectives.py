@@ -6,14 +6,18 @@ must predict and turns the model's predictions into numbers:
     masked LM  : input_ids ──mask_tokens──► (masked_input_ids, labels)   BERT, dynamic
     causal LM  : the shift y[t] = x[t+1]: done by the data (minilm.data.CLMBatches),
                  or shift_for_clm for whole padded sequences
+    ELECTRA    : masked positions ──replace_with_samples──► the generator's tokens in place
     both       : logits, labels ──summed_nll──► (total nats, number of targets)
                  total nats ──bits_per_char / perplexity──► the numbers we report
+    training   : h, W, labels ──linear_cross_entropy──► CE(h Wᵀ, labels), a chunk of rows
+                 at a time, so the (N, V) logits never exist whole (LinearCrossEntropy)
 
 Positions that carry no target have the label IGNORE_INDEX (-100), the value
 `torch.nn.functional.cross_entropy` skips by default.
 
-Everything here is a pure function of its arguments (plus an optional torch
-`Generator` for the randomness), so it is easy to test and to reproduce.
+The masking and loss functions are pure functions of their arguments (plus an optional
+torch `Generator` for the randomness), so they are easy to test and to reproduce; only
+`matmul_t`, the LM head's matmul, also looks at autocast and grad mode to pick its kernel.
 """
 
 from __future__ import annotations

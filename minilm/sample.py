@@ -40,7 +40,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m minilm.sample", description=__doc__.split("\n\n")[0],
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("run_dir", type=Path, help="run directory written by train.py / finetune.py")
+    parser.add_argument("run_dir", type=Path, help="run directory written by train.py (a causal or masked LM)")
     parser.add_argument("--prompt", default="", help="text to continue (causal LM) or text with [MASK]s (masked LM)")
     parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate per sample")
     parser.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy")

@@ -24,7 +24,9 @@ Two learning algorithms are available:
 CJK character) would normally become [UNK] and be lost. With
 ``byte_fallback=True`` the vocabulary also holds the 256 pieces ``<0x00>`` ..
 ``<0xFF>``, and an unknown character is written as its UTF-8 bytes instead. So
-every string can be encoded, and decoding gives back exactly the input.
+every string can be encoded, and decoding gives back exactly the input. (One
+exception by design: the special-token strings such as "[MASK]" encode to their
+ids, which ``decode`` skips unless ``skip_special_tokens=False``.)
 
 Choices made here so that ``decode(encode(s)) == s``:
 

@@ -102,7 +102,7 @@ import torch
 from torch import Tensor, nn
 
 from minilm.attention import manual_attention, sdpa_attention
-from minilm.checkpoint import new_run_dir
+from minilm.checkpoint import new_run_setup
 from minilm.cli import main_guard
 from minilm.config import ModelConfig, preset
 from minilm.errors import MinilmError, import_transformers
@@ -731,8 +731,8 @@ def log_stderr(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
-    new_run_dir(Path(opts.out))         # before minutes of measuring, and never over an earlier report
-    report = run(opts, log_stderr)
+    with new_run_setup(Path(opts.out)):     # checked before minutes of measuring; never over an earlier report
+        report = run(opts, log_stderr)
     print(markdown_table(report))
     print(f"wrote {Path(opts.out) / 'bench.json'}, bench.md, bench.png"
           f"{', attention.png' if report['attention_sweep'] else ''}", file=sys.stderr)

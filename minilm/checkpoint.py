@@ -23,6 +23,8 @@ import json
 import os
 import pickle
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -130,6 +132,23 @@ def new_run_dir(out: Path, hint: str = "pass --out a new directory") -> None:
     if out.is_dir() and any(out.iterdir()):
         raise MinilmError(f"{out} already exists and is not empty; {hint}")
     out.mkdir(parents=True, exist_ok=True)
+
+
+@contextmanager
+def new_run_setup(out: Path, hint: str = "pass --out a new directory") -> Iterator[None]:
+    """new_run_dir(out) around a new run's setup (data, tokenizer, model: everything before its
+    first step). If the setup fails, say on a user error in the data or flags that only shows
+    once the tokenizer is trained, what it wrote is removed, so that the same --out works again
+    once the error is fixed (a half-made run directory would be refused as not empty)."""
+    existed = out.is_dir()
+    new_run_dir(out, hint)
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        if existed:                 # the user's own empty directory stays
+            out.mkdir()
+        raise
 
 
 # --------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from minilm.checkpoint import (WEIGHT_FILES, Weights, load_model_config, load_model_dir, load_weights, new_run_dir,
-                               read_json, run_file, save_model_dir, write_json)
+                               new_run_setup, read_json, run_file, save_model_dir, write_json)
 from minilm.classify_data import (DEFAULT_DATASET, EncodedTexts, Header, HFTextEncoder, LabelledData, LabelSet,
                                   LengthBucketBatches, MinilmTextEncoder, TextEncoder, balanced_class_weights,
                                   eval_batches, load_text_encoder, pad_batch, read_default_dataset,
@@ -398,63 +398,63 @@ def run(cfg: FinetuneConfig) -> dict:
     one more key, "report": the ClassificationReport of the best checkpoint."""
     check_options(cfg)
     out = Path(cfg.out)
-    new_run_dir(out)
-    device, dtype = setup_device(cfg.device, cfg.dtype)
-    wall0 = time.perf_counter()
+    with new_run_setup(out):        # a failed setup leaves no directory behind
+        device, dtype = setup_device(cfg.device, cfg.dtype)
+        wall0 = time.perf_counter()
 
-    train, val = load_data(cfg)
-    labels = LabelSet.from_data(train)
-    y_train, y_val = labels.encode(train), labels.encode(val)
-    counts = labels.counts(y_train)
-    say(f"data: {train.name} {len(train):,} rows ({train.columns}), validation: {val.name} {len(val):,} rows")
-    say("labels: " + ", ".join(f"{n} {c:,}" for n, c in zip(labels.names, counts.tolist())))
+        train, val = load_data(cfg)
+        labels = LabelSet.from_data(train)
+        y_train, y_val = labels.encode(train), labels.encode(val)
+        counts = labels.counts(y_train)
+        say(f"data: {train.name} {len(train):,} rows ({train.columns}), validation: {val.name} {len(val):,} rows")
+        say("labels: " + ", ".join(f"{n} {c:,}" for n, c in zip(labels.names, counts.tolist())))
 
-    model, encoder, note = build_model(cfg, len(labels), train)
-    if cfg.token_mask and encoder.mask_id is None:
-        raise MinilmError("--token-mask needs a tokenizer with a mask token; this one has none (GPT-style)")
-    max_length = resolve_max_length(cfg, model.config, pairs=train.pairs is not None)
-    if cfg.freeze_encoder:
-        freeze_encoder(model)
-    if cfg.freeze_embeddings:
-        # with few labels, the words seen in training would move and the unseen ones stay:
-        # frozen, an unseen word keeps its pretrained place beside the seen words it resembles
-        model.transformer.embeddings.requires_grad_(False)
-    model.to(device)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    c = model.config
-    say(f"model: {note}; {c.n_layers} layers x {c.d_model}, pooling {c.pooling}, {len(labels)} classes, "
-        f"{model.num_parameters() / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable)")
+        model, encoder, note = build_model(cfg, len(labels), train)
+        if cfg.token_mask and encoder.mask_id is None:
+            raise MinilmError("--token-mask needs a tokenizer with a mask token; this one has none (GPT-style)")
+        max_length = resolve_max_length(cfg, model.config, pairs=train.pairs is not None)
+        if cfg.freeze_encoder:
+            freeze_encoder(model)
+        if cfg.freeze_embeddings:
+            # with few labels, the words seen in training would move and the unseen ones stay:
+            # frozen, an unseen word keeps its pretrained place beside the seen words it resembles
+            model.transformer.embeddings.requires_grad_(False)
+        model.to(device)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        c = model.config
+        say(f"model: {note}; {c.n_layers} layers x {c.d_model}, pooling {c.pooling}, {len(labels)} classes, "
+            f"{model.num_parameters() / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable)")
 
-    t0 = time.perf_counter()
-    enc_train = encoder.encode(train.texts, train.pairs, max_length)
-    enc_val = encoder.encode(val.texts, val.pairs, max_length)
-    lengths = enc_train.lengths
-    batches = LengthBucketBatches(lengths, cfg.batch_size, seed=cfg.seed)
-    say(f"tokens: {lengths.mean():.1f} per training text (max {lengths.max()}), {(lengths >= max_length).sum():,} "
-        f"reach --max-length {max_length}; batches {batches.fill_ratio():.0%} real tokens after length "
-        f"bucketing; tokenized in {time.perf_counter() - t0:.1f}s")
+        t0 = time.perf_counter()
+        enc_train = encoder.encode(train.texts, train.pairs, max_length)
+        enc_val = encoder.encode(val.texts, val.pairs, max_length)
+        lengths = enc_train.lengths
+        batches = LengthBucketBatches(lengths, cfg.batch_size, seed=cfg.seed)
+        say(f"tokens: {lengths.mean():.1f} per training text (max {lengths.max()}), {(lengths >= max_length).sum():,} "
+            f"reach --max-length {max_length}; batches {batches.fill_ratio():.0%} real tokens after length "
+            f"bucketing; tokenized in {time.perf_counter() - t0:.1f}s")
 
-    loss_options: dict = {}         # extra arguments of SequenceClassifier's loss, sent with every batch
-    if cfg.class_weights == "auto":
-        loss_options["class_weights"] = weights = balanced_class_weights(counts)
-        say("class weights: " + ", ".join(f"{n} {w:.2f}" for n, w in zip(labels.names, weights.tolist())))
-    if cfg.label_smoothing:
-        loss_options["label_smoothing"] = cfg.label_smoothing
+        loss_options: dict = {}         # extra arguments of SequenceClassifier's loss, sent with every batch
+        if cfg.class_weights == "auto":
+            loss_options["class_weights"] = weights = balanced_class_weights(counts)
+            say("class weights: " + ", ".join(f"{n} {w:.2f}" for n, w in zip(labels.names, weights.tolist())))
+        if cfg.label_smoothing:
+            loss_options["label_smoothing"] = cfg.label_smoothing
 
-    get_batch = training_batches(enc_train, y_train, batches, encoder, cfg.token_mask, model.config.vocab_size,
-                                 loss_options)
-    loop, steps_per_epoch = resolve_loop(cfg, batches.batches_per_epoch)
-    say(f"schedule: {loop.max_steps} steps max ({steps_per_epoch} per epoch), lr {loop.lr:g}, "
-        f"warmup {loop.warmup_steps}, evaluation every {loop.eval_every} steps"
-        + (f", time budget {loop.time_budget:g}s" if loop.time_budget else ""))
+        get_batch = training_batches(enc_train, y_train, batches, encoder, cfg.token_mask, model.config.vocab_size,
+                                     loss_options)
+        loop, steps_per_epoch = resolve_loop(cfg, batches.batches_per_epoch)
+        say(f"schedule: {loop.max_steps} steps max ({steps_per_epoch} per epoch), lr {loop.lr:g}, "
+            f"warmup {loop.warmup_steps}, evaluation every {loop.eval_every} steps"
+            + (f", time budget {loop.time_budget:g}s" if loop.time_budget else ""))
 
-    save_model_dir(model, out)             # config.json now; the weights are replaced at the end
-    labels.save(out)
-    encoder.save(out / "tokenizer")
-    write_json(out / "train_config.json", {**asdict(cfg), "max_length": max_length, "loop": asdict(loop),
-                                           "text_pairs": train.pairs is not None, "columns": train.columns})
-    evaluate = make_evaluate(enc_val, y_val, encoder.pad_id, cfg.eval_batch_size, device)
-    trainer = Trainer(model, get_batch, loop, out, device, dtype, evaluate=evaluate)
+        save_model_dir(model, out)             # config.json now; the weights are replaced at the end
+        labels.save(out)
+        encoder.save(out / "tokenizer")
+        write_json(out / "train_config.json", {**asdict(cfg), "max_length": max_length, "loop": asdict(loop),
+                                               "text_pairs": train.pairs is not None, "columns": train.columns})
+        evaluate = make_evaluate(enc_val, y_val, encoder.pad_id, cfg.eval_batch_size, device)
+        trainer = Trainer(model, get_batch, loop, out, device, dtype, evaluate=evaluate)
     result = trainer.fit()
 
     # the report is about the best checkpoint, the one predict and export use

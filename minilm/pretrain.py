@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import platform
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Literal
@@ -24,7 +25,7 @@ from typing import Literal
 import torch
 
 from minilm import data
-from minilm.checkpoint import new_run_dir, read_json, save_model_dir, write_json
+from minilm.checkpoint import new_run_setup, read_json, save_model_dir, write_json
 from minilm.config import (Attention, ModelConfig, NormPosition, check_choices, check_ranges, flag, preset,
                            shape_overrides)
 from minilm.errors import MinilmError
@@ -278,14 +279,15 @@ def mlm_evaluate(cfg: PretrainConfig, prepared: data.PreparedData, tok: Tokenize
 # --------------------------------------------------------------------------------------
 # the run
 # --------------------------------------------------------------------------------------
-def prepare_run_dir(out: Path, resume: bool) -> None:
-    """A new run never writes into an existing run; --resume requires one."""
-    if resume:
-        if not (out / "state").is_dir() and not (out / "state.old").is_dir():
-            raise MinilmError(f"--resume: {out} has no saved state (the run stopped before its first step); "
-                              "start it again with a new --out")
-        return
-    new_run_dir(out, hint="pass --resume to continue that run or --out a new directory")
+def prepare_run_dir(out: Path, resume: bool) -> AbstractContextManager:
+    """The context of a run's setup. A new run never writes into an existing run, and one whose
+    setup fails leaves nothing behind (new_run_setup); --resume requires a saved state."""
+    if not resume:
+        return new_run_setup(out, hint="pass --resume to continue that run or --out a new directory")
+    if not (out / "state").is_dir() and not (out / "state.old").is_dir():
+        raise MinilmError(f"--resume: {out} has no saved state (the run stopped before its first step); "
+                          "start it again with a new --out")
+    return nullcontext()
 
 
 def run(cfg: PretrainConfig) -> dict:
@@ -297,39 +299,40 @@ def run(cfg: PretrainConfig) -> dict:
     if not 0 < cfg.mask_prob <= 1:
         raise MinilmError(f"--mask-prob must be in (0, 1], got {cfg.mask_prob}")
     out = Path(cfg.out)
-    prepare_run_dir(out, cfg.resume)
-    device, dtype = setup_device(cfg.device, cfg.dtype)
-    wall0 = time.perf_counter()
+    with prepare_run_dir(out, cfg.resume):      # a new run's failed setup leaves no directory behind
+        device, dtype = setup_device(cfg.device, cfg.dtype)
+        wall0 = time.perf_counter()
 
-    sources = data.resolve_sources(cfg.data or None, cfg.cache_dir, text_field=cfg.text_field)
-    say("data: " + ", ".join(s.name for s in sources[:5]) + (f" (+{len(sources) - 5} more)" if len(sources) > 5 else ""))
-    tok = build_tokenizer(cfg, sources, out)
-    cache = Path(cfg.cache_dir or data.default_cache_dir()) / "prepared"
-    key = data.prepare_cache_key(sources, tok, val_fraction=cfg.val_fraction, split=cfg.split)
-    prepared = data.prepare_tokens(sources, tok, cache / key[:16], val_fraction=cfg.val_fraction,
-                                   split=cfg.split, progress=cfg.loop.progress)
-    say(f"tokens: {prepared.train.tokens:,} train / {prepared.val.tokens:,} val "
-        f"({prepared.train.chars / max(prepared.train.tokens, 1):.2f} chars per token)"
-        + (" [cached]" if prepared.reused else ""))
-    if prepared.val.tokens < 2:         # found now, not after the whole budget is trained
-        raise MinilmError("the validation split is empty: raise --val-fraction or add data")
+        sources = data.resolve_sources(cfg.data or None, cfg.cache_dir, text_field=cfg.text_field)
+        more = f" (+{len(sources) - 5} more)" if len(sources) > 5 else ""
+        say("data: " + ", ".join(s.name for s in sources[:5]) + more)
+        tok = build_tokenizer(cfg, sources, out)
+        cache = Path(cfg.cache_dir or data.default_cache_dir()) / "prepared"
+        key = data.prepare_cache_key(sources, tok, val_fraction=cfg.val_fraction, split=cfg.split)
+        prepared = data.prepare_tokens(sources, tok, cache / key[:16], val_fraction=cfg.val_fraction,
+                                       split=cfg.split, progress=cfg.loop.progress)
+        say(f"tokens: {prepared.train.tokens:,} train / {prepared.val.tokens:,} val "
+            f"({prepared.train.chars / max(prepared.train.tokens, 1):.2f} chars per token)"
+            + (" [cached]" if prepared.reused else ""))
+        if prepared.val.tokens < 2:         # found now, not after the whole budget is trained
+            raise MinilmError("the validation split is empty: raise --val-fraction or add data")
 
-    model = build_model(cfg, tok).to(device)
-    config: ModelConfig = model.config
-    say(f"model: {cfg.objective} {config.n_layers} layers x {config.d_model}, {config.n_heads} heads, "
-        f"{model.num_parameters() / 1e6:.2f}M parameters, context {config.max_seq_len}")
-    if cfg.objective == "clm":
-        get_batch, evaluate = clm_batches(cfg, prepared), clm_evaluate(cfg, prepared, tok, device)
-    else:
-        get_batch, evaluate = mlm_batches(cfg, prepared, tok), mlm_evaluate(cfg, prepared, tok, device)
+        model = build_model(cfg, tok).to(device)
+        config: ModelConfig = model.config
+        say(f"model: {cfg.objective} {config.n_layers} layers x {config.d_model}, {config.n_heads} heads, "
+            f"{model.num_parameters() / 1e6:.2f}M parameters, context {config.max_seq_len}")
+        if cfg.objective == "clm":
+            get_batch, evaluate = clm_batches(cfg, prepared), clm_evaluate(cfg, prepared, tok, device)
+        else:
+            get_batch, evaluate = mlm_batches(cfg, prepared, tok), mlm_evaluate(cfg, prepared, tok, device)
 
-    trainer = Trainer(model, get_batch, cfg.loop, out, device, dtype, evaluate=evaluate)
-    if cfg.resume:
-        trainer.resume()            # refuses a run that has spent its budget, before writing anything
-        say(f"resumed at step {trainer.step}")
-    else:
-        save_model_dir(model, out)  # config.json now, weights replaced at the end
-    write_json(out / "train_config.json", asdict(cfg))     # on resume: with the new budget, if any
+        trainer = Trainer(model, get_batch, cfg.loop, out, device, dtype, evaluate=evaluate)
+        if cfg.resume:
+            trainer.resume()            # refuses a run that has spent its budget, before writing anything
+            say(f"resumed at step {trainer.step}")
+        else:
+            save_model_dir(model, out)  # config.json now, weights replaced at the end
+        write_json(out / "train_config.json", asdict(cfg))     # on resume: with the new budget, if any
     prep_seconds = time.perf_counter() - wall0
     result = trainer.fit()
     summary = {**result, "weights": "model.safetensors = final; best.safetensors = best by val_loss",

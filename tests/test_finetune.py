@@ -564,3 +564,4 @@ def test_cli_errors_are_one_line_exit_2(task, tmp_path, capsys, args, expected):
     code = main_guard(lambda: finetune.main(args))
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error:") and err.count("\n") == 1 and expected in err, err
+    assert not (tmp_path / "out").exists()      # --max-length 2 is found after the tokenizer was trained

@@ -19,6 +19,7 @@ from minilm.errors import MinilmError  # noqa: E402
 from minilm import hf as hf_cli  # noqa: E402
 from minilm.checkpoint import save_model_dir, save_weights  # noqa: E402
 from minilm.cli import main_guard  # noqa: E402
+from minilm.generate import generate  # noqa: E402
 from minilm.hf import config_from_hf, config_to_hf, from_hf, to_hf  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
@@ -225,6 +226,28 @@ def test_export_directory_loads_in_transformers(name, tmp_path):
     with pytest.raises(MinilmError, match="not empty"):          # never overwrite silently
         to_hf(model, out)
     to_hf(model, out, overwrite=True)
+
+
+@pytest.mark.parametrize("name", ["gpt-clm", "llama-clm-bias-tied"])
+def test_greedy_generation_matches_transformers_generate(name):
+    """minilm.generate (KV cache, left-padded prompts) and HF's generate on the same weights pick
+    the same tokens, step by step, and score them alike."""
+    model = make_minilm(name)
+    hf = to_hf(model).eval()
+    gen = torch.Generator().manual_seed(3)
+    lengths, new = [7, 3, 5], 15
+    T = max(lengths)
+    mask = torch.tensor([[0] * (T - n) + [1] * n for n in lengths])              # left padding
+    ids = torch.randint(1, V, (len(lengths), T), generator=gen).masked_fill(mask == 0, PAD)
+    ours = generate(model, ids, attention_mask=mask, max_new_tokens=new, greedy=True)
+    theirs = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                         pad_token_id=PAD, return_dict_in_generate=True, output_scores=True)
+    assert torch.equal(ours, theirs.sequences)
+    full_mask = torch.cat([mask, torch.ones(len(lengths), new, dtype=mask.dtype)], dim=1)
+    positions = (full_mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():   # our logits for each generated token, by a full forward over the result
+        logits = model(ours, attention_mask=full_mask, position_ids=positions).logits[:, T - 1:-1]
+    assert max_diff(logits, torch.stack(theirs.scores, dim=1)) <= TOL
 
 
 @pytest.mark.parametrize("name", ["bert-mlm", "gpt-clm", "llama-clm"])

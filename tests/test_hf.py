@@ -39,6 +39,19 @@ def offline(monkeypatch):
 # --------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------
+def assert_body_matches(model: torch.nn.Module, hf: torch.nn.Module, inputs: dict, label: str) -> None:
+    """minilm's body (either attention path) gives HF's last hidden state at every real token,
+    and, where HF has BERT's pooler, its pooler output."""
+    with torch.no_grad():
+        expected = hf(**inputs)
+        for path in ATTENTIONS:
+            hidden = model.transformer(**inputs, attention=path)
+            diff = max_diff(hidden, expected.last_hidden_state, inputs["attention_mask"])
+            assert diff <= TOL, f"{label} minilm={path}: max abs diff {diff:.2e}"
+            if getattr(expected, "pooler_output", None) is not None:
+                assert max_diff(torch.tanh(model.pooler(hidden[:, 0])), expected.pooler_output) <= TOL
+
+
 def scramble(model: torch.nn.Module, seed: int = 0) -> None:
     """Perturb every parameter (norm gains and biases too, which HF initialises to 1 and 0),
     so that a misplaced bias or norm weight shows up in the outputs."""
@@ -179,16 +192,7 @@ def test_bare_body_matches_transformers(class_name, hf_attn):
     else:
         model, report = from_hf(hf, head=BARE[class_name], return_report=True)
     assert report.missing == FRESH[class_name] and report.unused == []
-    inputs = batch(with_types=class_name == "BertModel")
-    with torch.no_grad():
-        expected = hf(**inputs)
-        for path in ATTENTIONS:
-            hidden = model.transformer(**inputs, attention=path)
-            diff = max_diff(hidden, expected.last_hidden_state, inputs["attention_mask"])
-            assert diff <= TOL, f"{class_name} hf={hf_attn} minilm={path}: max abs diff {diff:.2e}"
-            if class_name == "BertModel":
-                pooled = torch.tanh(model.pooler(hidden[:, 0]))
-                assert max_diff(pooled, expected.pooler_output) <= TOL
+    assert_body_matches(model, hf, batch(with_types=class_name == "BertModel"), f"{class_name} hf={hf_attn}")
 
 
 def test_bare_body_needs_a_head_and_reports_unused_weights():
@@ -454,10 +458,4 @@ def test_all_minilm_l6_v2_matches_transformers():
     with pytest.warns(UserWarning, match="classifier"):          # a bare BertModel: fresh classifier
         model, report = from_hf(directory, head="classify", return_report=True)
     assert report.missing == ["classifier.weight", "classifier.bias"] and report.unused == []
-    with torch.no_grad():
-        expected = hf(**inputs)
-        for path in ATTENTIONS:
-            hidden = model.transformer(**inputs, attention=path)
-            diff = max_diff(hidden, expected.last_hidden_state, inputs["attention_mask"])
-            assert diff <= TOL, f"all-MiniLM-L6-v2 minilm={path}: max abs diff {diff:.2e}"
-            assert max_diff(torch.tanh(model.pooler(hidden[:, 0])), expected.pooler_output) <= TOL
+    assert_body_matches(model, hf, inputs, "all-MiniLM-L6-v2")

@@ -56,7 +56,6 @@ import torch
 from torch import Tensor, nn
 
 from minilm.checkpoint import WEIGHT_FILES, Weights, load_model_config, load_model_dir, new_run_dir
-from minilm.cli import HelpFormatter, main_guard
 from minilm.config import ModelConfig
 from minilm.data import load_tokenizer
 from minilm.errors import MinilmError, import_transformers
@@ -639,6 +638,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, weights: Weights = "fin
 
 
 def main(argv: list[str] | None = None) -> int:
+    from minilm.cli import HelpFormatter       # the CLI's helpers: not needed by the library above
+
     p = argparse.ArgumentParser(prog="python -m minilm.hf", formatter_class=HelpFormatter,
                                 description="Export a train.py run as a Hugging Face transformers model directory "
                                             "(finetune.py export does the same for classifiers).")
@@ -657,4 +658,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from minilm.cli import main_guard
     sys.exit(main_guard(main))

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import get_args
 
+from minilm.classify_data import split_lines
 from minilm.cli import HelpFormatter, add_machine_flags, add_shape_flags, choices, config_from_args, main_guard
 from minilm.config import PRESETS
 from minilm.errors import MinilmError
@@ -139,7 +140,7 @@ def read_texts(path: str, pairs: bool) -> tuple[list[str], list[str] | None]:
     if not file.is_file():
         raise MinilmError(f"--file {path} not found: pass a text file with one text per line")
     try:
-        lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = [line for line in split_lines(file.read_text(encoding="utf-8")) if line.strip()]
     except UnicodeDecodeError as err:
         raise MinilmError(f"--file {path} is not UTF-8 text (byte {err.start}): save it as UTF-8") from err
     if not lines:

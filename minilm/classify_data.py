@@ -124,6 +124,12 @@ def _decode(path: Path, encoding: str) -> str:
                           "re-encode the file as UTF-8 or pass its encoding, e.g. --encoding latin-1") from err
 
 
+def split_lines(text: str) -> list[str]:
+    """The lines of a file's text, ended by LF, CR LF or CR only. Not str.splitlines, which also
+    breaks at U+2028, U+0085, form feeds and the like: valid inside a JSON string or a text."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+
 def _file_kind(path: Path, text: str) -> str:
     """"jsonl", "," or "\\t", from the suffix, else sniffed from the first line."""
     suffix = path.suffix.lower()
@@ -281,7 +287,7 @@ def _read_jsonl(path: Path, text: str, text_col: str | None, pair_col: str | Non
     if text.lstrip().startswith("["):
         raise MinilmError(f"{path}: a JSON array; write one JSON object per line (JSON Lines) instead")
     records: list[tuple[int, dict]] = []
-    for line, raw in enumerate(text.splitlines(), start=1):
+    for line, raw in enumerate(split_lines(text), start=1):
         if not raw.strip():
             continue
         try:

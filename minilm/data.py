@@ -75,7 +75,8 @@ MAX_DOCUMENT_CHARS = 1 << 20
 
 # Bumped whenever the way documents are read or split changes, so prepared caches rebuild.
 # 2: the "doc" split hashes a document without the blank lines around it.
-READER_VERSION = 2
+# 3: a leading BOM is dropped; a file's last line gets its missing newline; long lines are cut.
+READER_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -144,13 +145,15 @@ class Source:
     def identity(self) -> dict:
         """What makes this source's content what it is, for the prepare cache key.
 
-        Content-hashed sources are identified by the hash; files by path, size and
-        modification time (cheap, and any edit changes at least the mtime).
+        Content-hashed sources are identified by the hash; files by path, size, modification
+        time and status-change time (cheap; the ctime also changes when a tool such as `cp -p`,
+        `rsync -a` or `tar` writes new content under the old mtime, which no program can set).
         """
         if self.sha256 is not None:
             return {"kind": self.kind, "name": self.name, "sha256": self.sha256}
         stat = self.path.stat()
-        identity = {"kind": self.kind, "path": str(self.path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        identity = {"kind": self.kind, "path": str(self.path.resolve()), "size": stat.st_size,
+                    "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns}
         if self.kind == "jsonl":
             identity["text_field"] = self.text_field
         return identity
@@ -164,15 +167,18 @@ def _read_text_documents(path: Path) -> Iterator[str]:
     document). So concatenating the documents gives back the file's text exactly (as
     Python reads it: Windows line ends, CR LF, arrive as LF), and
     "the last 10% of the characters" means the same thing for the file and for its
-    documents. A block longer than MAX_DOCUMENT_CHARS is cut at a line boundary.
+    documents; a final line without its newline gets one, so that a paragraph at the end
+    of a file is the same document as elsewhere). A leading byte-order mark is dropped.
+    A block longer than MAX_DOCUMENT_CHARS is cut at a line boundary, and a line longer
+    than that (a file without newlines) into pieces of that length.
     """
     buffer: list[str] = []
     buffered_chars = 0
     has_text = False  # the buffer holds at least one non-blank line
     block_ended = False  # ... and a blank line came after it
     try:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
+        with open(path, encoding="utf-8-sig") as f:
+            for line in iter(lambda: f.readline(MAX_DOCUMENT_CHARS), ""):
                 is_blank = not line.strip()
                 starts_new = block_ended or (has_text and buffered_chars >= MAX_DOCUMENT_CHARS)
                 if not is_blank and starts_new:
@@ -187,13 +193,15 @@ def _read_text_documents(path: Path) -> Iterator[str]:
     except UnicodeDecodeError as e:
         raise MinilmError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8 or leave it out") from e
     if has_text:
-        yield "".join(buffer)
+        text = "".join(buffer)
+        yield text if text.endswith("\n") else text + "\n"
 
 
 def _read_jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
-    """Documents of a JSON-lines file: the string field `text_field` of each line."""
+    """Documents of a JSON-lines file: the string field `text_field` of each line (a leading
+    byte-order mark is dropped)."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             for line_number, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
@@ -318,20 +326,33 @@ def _file_source(path: Path, name: str, text_field: str) -> Source:
     return Source(path=path, kind=kind, name=name, text_field=text_field)
 
 
-def _is_hidden(path: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
+def _corpus_files(root: Path) -> list[Path]:
+    """The .txt and .jsonl files under `root`, recursively and sorted, following symlinked
+    directories (each real directory once, so a link loop ends). Skipped: hidden files and
+    directories, and minilm run directories (they hold train_config.json), whose
+    metrics.jsonl is no corpus, such as earlier runs' output under `--data .`."""
+    files, seen = [], set()
+    for directory, subdirs, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(directory)
+        if real in seen or "train_config.json" in names:
+            subdirs.clear()
+            continue
+        seen.add(real)
+        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+        files += [Path(directory, name) for name in names
+                  if not name.startswith(".") and Path(name).suffix.lower() in TEXT_SUFFIXES]
+    return sorted(p for p in files if p.is_file())
 
 
 def _resolve_one(spec: str, cache_dir: str | os.PathLike | None, text_field: str) -> list[Source]:
     """The sources one spec names; a spec that names nothing is a MinilmError."""
+    if not spec.strip():        # Path("") is the current directory: an unset shell variable, not a corpus
+        raise MinilmError("an empty --data value names nothing; pass a file, directory, glob or corpus name")
     path = Path(spec).expanduser()
     if path.is_file():
         return [_file_source(path, spec, text_field)]
     if path.is_dir():
-        files = sorted(
-            p for p in path.rglob("*")
-            if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES and not _is_hidden(p, path)
-        )
+        files = _corpus_files(path)
         if not files:
             raise MinilmError(f"directory {spec!r} contains no .txt or .jsonl files; point to a directory with text files, or to the files themselves")
         return [_file_source(p, str(p), text_field) for p in files]

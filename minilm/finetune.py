@@ -17,7 +17,8 @@ were predicted as class j):
     precision_c = C[c, c] / Σ_i C[i, c]     of the examples predicted c, the share truly c
     recall_c    = C[c, c] / Σ_j C[c, j]     of the examples truly c, the share found
     F1_c        = 2 P_c R_c / (P_c + R_c)   harmonic mean (0 when P_c = R_c = 0)
-    macro-F1    = (1/K) Σ_c F1_c            every class counts the same, however rare
+    macro-F1    = (1/K) Σ_c F1_c            every class counts the same, however rare (the K
+                                          classes that occur, true or predicted)
 
 Accuracy rewards predicting the majority class; macro-F1 does not, which is why it is
 the better choice (--metric macro_f1) for imbalanced labels.
@@ -140,8 +141,11 @@ class ClassificationReport:
         recall = hits / C.sum(1).clamp(min=1)
         f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall),
                          torch.zeros_like(hits))
+        # the macro average runs over the classes that occur (true or predicted), as scikit-learn's:
+        # a class absent from the validation set and never predicted has no F1 to average
+        present = (C.sum(0) + C.sum(1)) > 0
         return cls(labels=list(labels), confusion=C.long().tolist(),
-                   accuracy=(hits.sum() / C.sum().clamp(min=1)).item(), macro_f1=f1.mean().item(),
+                   accuracy=(hits.sum() / C.sum().clamp(min=1)).item(), macro_f1=f1[present].mean().item(),
                    precision=precision.tolist(), recall=recall.tolist(), f1=f1.tolist(),
                    support=C.sum(1).long().tolist())
 

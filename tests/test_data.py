@@ -109,9 +109,37 @@ def test_jsonl_directory_and_glob_sources(tmp_path: Path) -> None:
     assert len(resolve_sources([str(tmp_path / "a.txt"), str(tmp_path / "a.txt")])) == 1
 
 
+def test_directories_follow_symlinks_and_skip_run_directories(tmp_path: Path) -> None:
+    corpus, elsewhere = tmp_path / "corpus", tmp_path / "elsewhere" / "deep"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "linked.txt").write_text("linked doc\n", encoding="utf-8")
+    (corpus / "run").mkdir(parents=True)            # an earlier run's output inside the corpus
+    (corpus / "own.txt").write_text("own doc\n", encoding="utf-8")
+    (corpus / "run" / "train_config.json").write_text("{}", encoding="utf-8")
+    (corpus / "run" / "metrics.jsonl").write_text('{"step": 1}\n', encoding="utf-8")
+    (corpus / "external").symlink_to(tmp_path / "elsewhere")
+    (elsewhere / "loop").symlink_to(corpus)         # a link loop ends: each real directory once
+    files = [s.path.relative_to(corpus) for s in resolve_sources([str(corpus)])]
+    assert files == [Path("external/deep/linked.txt"), Path("own.txt")]
+
+
+def test_bom_final_newline_and_overlong_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "bom.txt").write_bytes("\ufeffpara one\n\nthe chorus".encode("utf-8"))
+    (tmp_path / "bom.jsonl").write_bytes(("\ufeff" + json.dumps({"text": "a doc"}) + "\n").encode("utf-8"))
+    docs = list(iter_documents(resolve_sources([str(tmp_path / "bom.txt"), str(tmp_path / "bom.jsonl")])))
+    # the BOM is no text; the chorus at the end of the file is the same document as elsewhere
+    assert docs == ["para one\n\n", "the chorus\n", "a doc"]
+    assert is_validation_document(docs[1], 0.5) == is_validation_document("the chorus\n\n\n", 0.5)
+    monkeypatch.setattr(data, "MAX_DOCUMENT_CHARS", 100)
+    (tmp_path / "one_line.txt").write_text("x" * 1050, encoding="utf-8")     # no newline at all
+    pieces = list(iter_documents(resolve_sources([str(tmp_path / "one_line.txt")])))
+    assert len(pieces) > 1 and max(map(len, pieces)) <= 201 and "".join(pieces) == "x" * 1050 + "\n"
+
+
 @pytest.mark.parametrize(
     "spec, fragment",
     [
+        ("", "an empty --data value names nothing"),       # Path("") would be the current directory
         ("does/not/exist.txt", "no such file, directory or corpus"),
         ("wikipedia", "no such file, directory or corpus"),
         ("*.nomatch", "no files match"),
@@ -339,6 +367,14 @@ def test_prepare_reuses_cache_and_rebuilds_on_change(corpus_file: Path, tmp_path
     changed = prepare_tokens(resolve_sources([str(corpus_file)]), tokenizer, out, val_fraction=0.2)
     assert not changed.reused
     assert changed.train.chars + changed.val.chars == len(corpus_file.read_text())
+
+    # new content of the same size under the old mtime, as `cp -p` or `rsync -a` leave it
+    stat = corpus_file.stat()
+    corpus_file.write_text(corpus_file.read_text().replace("e", "E"), encoding="utf-8")
+    os.utime(corpus_file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert corpus_file.stat().st_size == stat.st_size
+    edited = prepare_tokens(resolve_sources([str(corpus_file)]), tokenizer, out, val_fraction=0.2)
+    assert not edited.reused and edited.cache_key != changed.cache_key
 
 
 class _WideTokenizer:

@@ -100,6 +100,21 @@ def test_jsonl_pairs_and_int_labels(tmp_path):
     assert data.labels == ["2", "0"] and data.lines == [1, 3]
 
 
+def test_line_breaks_are_lf_crlf_or_cr_only(tmp_path):
+    """U+2028, U+0085 and form feeds are valid inside a JSON string (json.dumps with
+    ensure_ascii=False writes them raw) and inside a text: no line ends there."""
+    odd = "first part\u2028second\x85third\x0cfourth"
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"text": odd, "label": "pos"}, ensure_ascii=False) + "\r\n"
+                 + json.dumps({"text": "plain", "label": "neg"}) + "\r" + json.dumps({"text": "x", "label": "neg"}),
+                 encoding="utf-8")
+    data = read_labelled(f)
+    assert data.texts == [odd, "plain", "x"] and data.lines == [1, 2, 3]
+    texts = tmp_path / "texts.txt"
+    texts.write_text(f"{odd}\n\nsecond text\n", encoding="utf-8")
+    assert finetune.read_texts(str(texts), pairs=False) == ([odd, "second text"], None)
+
+
 def test_explicit_pair_column_in_csv(tmp_path):
     f = tmp_path / "e.csv"
     f.write_text("q,a,y\nwho?,me,yes\nwhere?,there,no\n")
@@ -223,6 +238,11 @@ def test_metrics_by_hand_and_against_scikit_learn():
     r = ClassificationReport.compute(pred, true, list("abcd"))
     assert r.macro_f1 == pytest.approx(metrics.f1_score(true, pred, average="macro"))
     assert r.confusion == metrics.confusion_matrix(true, pred).tolist()
+    # a class that neither occurs in the validation set nor is predicted does not count as F1 0
+    true, pred = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 0, 1, 0])
+    r = ClassificationReport.compute(pred, true, list("abc"))
+    assert r.macro_f1 == pytest.approx((0.8 + 2 / 3) / 2)
+    assert r.macro_f1 == pytest.approx(metrics.f1_score(true, pred, average="macro"))
 
 
 def test_balanced_class_weights():

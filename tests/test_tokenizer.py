@@ -293,9 +293,13 @@ def test_train_from_files_and_long_lines(tmp_path, corpus):
     huge = " ".join(["hello world"] * 2000) + "x" * 9000  # > MAX_SENTENCE_BYTES, has an unbreakable tail
     f1.write_text("\n".join(corpus[:1500]) + "\n" + huge + "\n", encoding="utf-8")
     f2.write_text("\n".join(corpus[1500:]), encoding="utf-8")
-    for source in (f1, str(f1), [f1, f2], [str(f1), str(f2)]):
+    for source in (f1, str(f1), [f1, f2], (f1, f2)):
         t = Tokenizer.train(source, vocab_size=VOCAB, model_type="bpe")
         assert t.decode(t.encode(huge)) == huge
+    # a list of str is texts, even when the first text names an existing file
+    texts = [str(f1), *corpus]
+    assert Tokenizer.train(texts, vocab_size=VOCAB).encode("hello") == Tokenizer.train(
+        iter(texts), vocab_size=VOCAB).encode("hello")
 
 
 def test_split_long_line():

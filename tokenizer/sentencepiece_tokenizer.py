@@ -120,16 +120,10 @@ def _split_long_line(line: str, max_bytes: int = MAX_SENTENCE_BYTES) -> Iterator
 
 
 def _is_path_list(source: Any) -> bool:
-    """True when ``source`` is a list/tuple of file paths rather than of texts.
-
-    A list of ``Path`` objects is always paths. A list of ``str`` is ambiguous,
-    so it counts as paths only when its first element names an existing file.
-    """
-    if not isinstance(source, (list, tuple)) or not source:
-        return False
-    if all(isinstance(p, os.PathLike) for p in source):
-        return True
-    return all(isinstance(p, (str, os.PathLike)) for p in source) and os.path.isfile(source[0])
+    """True when ``source`` is a list/tuple of file paths (``Path`` objects) rather than of
+    texts. A list of ``str`` is always texts: a text that happens to name an existing file
+    ("README.md") must not turn the whole list into paths."""
+    return isinstance(source, (list, tuple)) and bool(source) and all(isinstance(p, os.PathLike) for p in source)
 
 
 def _iter_file(path: PathLike) -> Iterator[str]:
@@ -251,9 +245,10 @@ class Tokenizer:
         """Learn a vocabulary from ``source`` and return the tokenizer.
 
         Args:
-            source: a text file path, a list/tuple of paths, or any iterable of
-                strings (each string may hold several lines). It is streamed:
-                the corpus is never loaded whole.
+            source: a text file path (``str`` or ``Path``), a list/tuple of ``Path``
+                objects, or any iterable of strings, each a text that may hold several
+                lines (a list of ``str`` is texts, never paths). It is streamed: the
+                corpus is never loaded whole.
             vocab_size: total vocabulary size, including the 7 special tokens
                 and the 256 byte-fallback pieces.
             model_type: ``"unigram"`` or ``"bpe"``.

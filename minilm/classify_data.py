@@ -205,6 +205,12 @@ def _likely_label_column(rows: list[list[str]], exclude: int | None = None) -> i
     return min(candidates, key=lambda k: (len({r[k] for r in rows}), _mean_len(rows, k), -k))
 
 
+def _names_a_column(cells: list[str], specs: list[str | None]) -> bool:
+    """A cell is a known column name ("text", "label", ...) or a name passed by flag."""
+    named = {s.lower() for s in specs if s and not _is_position(s)}
+    return any(c.strip().lower() in KNOWN_COLUMNS or c.strip().lower() in named for c in cells)
+
+
 def _has_header(rows: list[list[str]], header: Header, specs: list[str | None]) -> bool:
     """Whether the first row names the columns.
 
@@ -214,12 +220,10 @@ def _has_header(rows: list[list[str]], header: Header, specs: list[str | None]) 
     """
     if header in ("yes", "no"):
         return header == "yes"
-    first = [c.strip().lower() for c in rows[0]]
-    named = {s.lower() for s in specs if s and not _is_position(s)}
-    if any(c in KNOWN_COLUMNS or c in named for c in first):
+    if _names_a_column(rows[0], specs):
         return True
     body = rows[1:]
-    if len(body) < 2 or len(first) < 2:
+    if len(body) < 2 or len(rows[0]) < 2:
         return False
     label = _likely_label_column(body)
     values = {r[label] for r in body}
@@ -266,8 +270,11 @@ def _read_table(path: Path, text: str, delimiter: str, text_col: str | None, pai
     for line, cells in body:
         if not cells[lab].strip():
             raise MinilmError(f"{path}:{line}: empty label in {_name_of(names, lab)}; every row needs a label")
+    guessed = has_header and header == "auto" and not _names_a_column(rows[0][1], [text_col, pair_col, label_col])
+    how = " (no header)" if not has_header else f" (line {rows[0][0]} taken for a header; --header no if it is a row)" \
+        if guessed else ""
     columns = (f"text={_name_of(names, t)}" + (f", pair={_name_of(names, p)}" if p is not None else "")
-               + f", label={_name_of(names, lab)}" + ("" if has_header else " (no header)"))
+               + f", label={_name_of(names, lab)}" + how)
     return LabelledData(name=path.name, texts=[c[t].strip() for _, c in body],
                         labels=[c[lab].strip() for _, c in body], lines=[line for line, _ in body],
                         pairs=None if p is None else [c[p].strip() for _, c in body], columns=columns)
@@ -349,15 +356,21 @@ def read_labelled(path: str | Path, *, text_col: str | None = None, pair_col: st
 
 
 def split_validation(data: LabelledData, fraction: float, seed: int) -> tuple[LabelledData, LabelledData]:
-    """A seeded random split into (train, validation): round(fraction · N) rows, at least 1, held out."""
+    """A seeded random split into (train, validation), stratified by label: each class holds
+    out round(fraction · n_c) of its n_c rows but keeps at least one for training, so both
+    sides have the file's class proportions and a rare class is never only in validation."""
     if not 0 < fraction < 1:
         raise MinilmError(f"--val-fraction {fraction} must be between 0 and 1 (or pass --val FILE)")
-    n_val = max(1, round(fraction * len(data)))
-    if len(data) - n_val < 2:
-        raise MinilmError(f"{data.name}: {len(data)} rows are too few to hold out {n_val} for validation; "
-                          "add data or pass --val FILE")
-    order = step_rng(seed, 0, stream=7).permutation(len(data))
-    val_rows, train_rows = np.sort(order[:n_val]).tolist(), np.sort(order[n_val:]).tolist()
+    rows_of: dict[str, list[int]] = {}
+    for row in step_rng(seed, 0, stream=7).permutation(len(data)).tolist():     # shuffled, then by class
+        rows_of.setdefault(data.labels[row], []).append(row)
+    held_out = [row for label in sorted(rows_of) for row in
+                rows_of[label][:min(round(fraction * len(rows_of[label])), len(rows_of[label]) - 1)]]
+    if not held_out:
+        raise MinilmError(f"{data.name}: {len(data)} rows are too few to hold out {fraction:.0%} of each class "
+                          "for validation; add data or pass --val FILE")
+    val_rows = sorted(held_out)
+    train_rows = sorted(set(range(len(data))) - set(held_out))
     return (data.subset(train_rows, f"{data.name} [train split]"),
             data.subset(val_rows, f"{data.name} [validation split]"))
 
@@ -418,6 +431,22 @@ class LabelSet:
         if not isinstance(saved, dict) or not isinstance(saved.get("labels"), list):
             raise MinilmError(f"{path} is damaged: it has no list of labels")
         return cls(saved["labels"])
+
+
+def lookalike_labels(names: list[str]) -> list[list[str]]:
+    """Groups of labels that differ only in case, surrounding spaces or the spelling of a
+    number ("pos" / "Pos" / " pos", "1" / "1.0"): likely one class written two ways, which
+    the data would otherwise silently split in two."""
+    def canonical(name: str) -> str:
+        name = name.strip().lower()
+        try:
+            return repr(float(name))
+        except ValueError:
+            return name
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(canonical(name), []).append(name)
+    return [group for group in groups.values() if len(group) > 1]
 
 
 def balanced_class_weights(counts: torch.Tensor) -> torch.Tensor:

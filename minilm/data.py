@@ -13,7 +13,8 @@ The data flow, one stage per section of this file:
       ▼                          its text; "tail": the last val_fraction of the characters
     ("train" | "val", text)
       │ prepare_tokens           tokenizer.encode_batch in chunks, each document followed
-      ▼                          by </s>, appended to train.bin / val.bin (+ .idx, meta.json)
+      ▼                          by </s>, appended to train.bin / val.bin (+ .idx, meta.json);
+                                 "[CLS]", "[SEP]", "[MASK]" in a text become those tokens
     PreparedData                 cached: reused while sources, tokenizer and split agree
       │ .tokens(split)           a read-only numpy memmap, shape (N,)
       ▼
@@ -36,6 +37,7 @@ the step number, and the train/validation split is a pure function of the text.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import itertools
@@ -781,6 +783,8 @@ def prepare_tokens(
         os.replace(work / "meta.json", out_dir / "meta.json")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        with contextlib.suppress(OSError):      # a failed first prepare leaves no empty directory
+            out_dir.rmdir()                     # (rmdir removes only an empty one)
     return PreparedData.load(out_dir)
 
 

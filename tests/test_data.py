@@ -418,7 +418,9 @@ def test_interrupted_prepare_leaves_no_valid_looking_set(corpus_file: Path, tmp_
     out = tmp_path / "prep"
     with pytest.raises(KeyboardInterrupt):
         prepare_tokens(resolve_sources([str(corpus_file)]), _FailingTokenizer(), out, val_fraction=0.1, chunk_chars=100)
-    assert list(out.iterdir()) == []  # no meta.json, no temporary directory
+    assert not out.exists()  # no meta.json, no temporary directory, not even the empty directory
+    out.mkdir()
+    (out / "train.bin").write_bytes(b"")   # files from a set whose meta.json never came: not a set
     with pytest.raises(MinilmError, match="meta.json is missing"):
         PreparedData.load(out)
 
@@ -430,6 +432,7 @@ def test_prepare_errors_on_empty_validation(tmp_path: Path, tokenizer: Tokenizer
         prepare_tokens(resolve_sources([str(path)]), tokenizer, tmp_path / "prep", val_fraction=0.01, split="doc")
     with pytest.raises(MinilmError, match="every document went to validation .* use split 'tail'"):
         prepare_tokens(resolve_sources([str(path)]), tokenizer, tmp_path / "prep", val_fraction=0.99, split="doc")
+    assert not (tmp_path / "prep").exists()         # a failed prepare leaves no empty cache directory
 
 
 # ---------------------------------------------------------------- CLM batches

@@ -12,7 +12,7 @@ import finetune
 import train
 from minilm import training
 from minilm.checkpoint import load_model_dir
-from minilm.classify_data import (EncodedTexts, LabelSet, LengthBucketBatches, balanced_class_weights,
+from minilm.classify_data import (EncodedTexts, LabelSet, LengthBucketBatches, balanced_class_weights, lookalike_labels,
                                   default_dataset_path, eval_batches, pad_batch, read_default_dataset,
                                   read_labelled, split_validation)
 from minilm.cli import main_guard
@@ -89,6 +89,11 @@ def test_header_with_unknown_names_is_detected(tmp_path):
     f.write_text("review,stars\n" + "".join(f"text number {k},{k % 3 + 1}\n" for k in range(12)))
     data = read_labelled(f)
     assert len(data) == 12 and set(data.labels) == {"1", "2", "3"}
+    assert "taken for a header" not in data.columns                   # known names: no doubt
+    guessed = tmp_path / "guessed.csv"
+    guessed.write_text("words,grade\n" + "".join(f"text number {k},{k % 3 + 1}\n" for k in range(12)))
+    data = read_labelled(guessed)
+    assert len(data) == 12 and "line 1 taken for a header; --header no if it is a row" in data.columns
 
 
 def test_jsonl_pairs_and_int_labels(tmp_path):
@@ -185,6 +190,12 @@ def test_label_set_sorts_integers_numerically_and_round_trips(tmp_path):
     assert strings.names == ["neg", "pos"]
 
 
+def test_labels_written_two_ways_are_flagged():
+    assert lookalike_labels(["neg", "pos", "Pos", " pos", "0", "1", "1.0", "2"]) == [["pos", "Pos", " pos"],
+                                                                                     ["1", "1.0"]]
+    assert lookalike_labels(["negative", "neutral", "positive", "10", "1"]) == []
+
+
 def test_validation_split_is_seeded_and_disjoint(task):
     data = read_labelled(task[0])
     a_train, a_val = split_validation(data, 0.25, seed=3)
@@ -193,7 +204,19 @@ def test_validation_split_is_seeded_and_disjoint(task):
     assert sorted(a_train.lines + a_val.lines) == data.lines
     assert split_validation(data, 0.25, seed=4)[1].lines != a_val.lines
     twenty = data.subset(range(20))                 # pinned: the same rows on every machine and numpy version
-    assert split_validation(twenty, 0.25, seed=3)[1].lines == [twenty.lines[k] for k in (10, 12, 15, 18, 19)]
+    assert split_validation(twenty, 0.25, seed=3)[1].lines == [twenty.lines[k] for k in (10, 12, 15, 18)]
+
+
+def test_validation_split_is_stratified_and_keeps_every_class_in_training(tmp_path):
+    rows = [(f"common text {i}", "common") for i in range(90)] + [(f"other text {i}", "other") for i in range(28)]
+    rows += [("a rare one", "rare"), ("another rare one", "rare")]
+    data = read_labelled(write_csv(tmp_path / "imbalanced.csv", rows))
+    for seed in range(5):
+        train, val = split_validation(data, 0.1, seed=seed)
+        assert sorted(val.labels) == ["common"] * 9 + ["other"] * 3 and train.labels.count("rare") == 2
+    one_each = read_labelled(write_csv(tmp_path / "tiny.csv", [("a", "x"), ("b", "y")]))
+    with pytest.raises(MinilmError, match="too few to hold out"):
+        split_validation(one_each, 0.2, seed=0)
 
 
 def test_length_buckets_cover_every_example_once_per_epoch_deterministically():

@@ -433,6 +433,23 @@ class LabelSet:
         return cls(saved["labels"])
 
 
+def data_warnings(train: LabelledData, val: LabelledData) -> list[str]:
+    """What is legal but probably a mistake: rows with an empty text (they teach the label
+    prior only), and validation rows that are copies of training rows (leakage: the score
+    then measures memory)."""
+    warnings = []
+    for data in (train, val):
+        empty = [line for line, text in zip(data.lines, data.texts) if not text]
+        if empty:
+            warnings.append(f"{data.name}: {len(empty):,} rows have an empty text (first at line {empty[0]})")
+    seen = set(zip(train.texts, train.pairs or train.texts))
+    copies = [line for line, key in zip(val.lines, zip(val.texts, val.pairs or val.texts)) if key in seen]
+    if copies:
+        warnings.append(f"{val.name}: {len(copies):,} of {len(val):,} validation texts also occur in the training "
+                        f"data (first at line {copies[0]}), so the validation score flatters the model")
+    return warnings
+
+
 def lookalike_labels(names: list[str]) -> list[list[str]]:
     """Groups of labels that differ only in case, surrounding spaces or the spelling of a
     number ("pos" / "Pos" / " pos", "1" / "1.0"): likely one class written two ways, which

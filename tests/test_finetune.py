@@ -12,9 +12,9 @@ import finetune
 import train
 from minilm import training
 from minilm.checkpoint import load_model_dir
-from minilm.classify_data import (EncodedTexts, LabelSet, LengthBucketBatches, balanced_class_weights, lookalike_labels,
-                                  default_dataset_path, eval_batches, pad_batch, read_default_dataset,
-                                  read_labelled, split_validation)
+from minilm.classify_data import (EncodedTexts, LabelSet, LengthBucketBatches, balanced_class_weights, data_warnings,
+                                  default_dataset_path, eval_batches, lookalike_labels, pad_batch,
+                                  read_default_dataset, read_labelled, split_validation)
 from minilm.cli import main_guard
 from minilm.errors import MinilmError
 from minilm.finetune import WEIGHT_FILES, ClassificationReport, load_run, predict
@@ -188,6 +188,17 @@ def test_label_set_sorts_integers_numerically_and_round_trips(tmp_path):
     assert LabelSet.load(tmp_path) == labels
     strings = LabelSet.from_data(read_labelled(write_csv(tmp_path / "s.csv", [("a", "pos"), ("b", "neg")])))
     assert strings.names == ["neg", "pos"]
+
+
+def test_empty_texts_and_validation_copies_of_training_rows_are_flagged(tmp_path):
+    train = read_labelled(write_csv(tmp_path / "t.csv", [("good", "pos"), ("", "neg"), ("bad", "neg"), ("ok", "pos")]))
+    val = read_labelled(write_csv(tmp_path / "v.csv", [("fine", "pos"), ("bad", "neg"), ("good", "pos")]))
+    assert data_warnings(train, val) == [
+        "t.csv: 1 rows have an empty text (first at line 3)",
+        "v.csv: 2 of 3 validation texts also occur in the training data (first at line 3), so the validation "
+        "score flatters the model"]
+    assert data_warnings(train, read_labelled(write_csv(tmp_path / "w.csv", [("new", "pos")]))) == [
+        "t.csv: 1 rows have an empty text (first at line 3)"]
 
 
 def test_labels_written_two_ways_are_flagged():

@@ -270,9 +270,11 @@ def _read_table(path: Path, text: str, delimiter: str, text_col: str | None, pai
     for line, cells in body:
         if not cells[lab].strip():
             raise MinilmError(f"{path}:{line}: empty label in {_name_of(names, lab)}; every row needs a label")
-    guessed = has_header and header == "auto" and not _names_a_column(rows[0][1], [text_col, pair_col, label_col])
-    how = " (no header)" if not has_header else f" (line {rows[0][0]} taken for a header; --header no if it is a row)" \
-        if guessed else ""
+    how = ""
+    if not has_header:
+        how = " (no header)"
+    elif header == "auto" and not _names_a_column(rows[0][1], [text_col, pair_col, label_col]):
+        how = f" (line {rows[0][0]} taken for a header; --header no if it is a row)"     # guessed from content
     columns = (f"text={_name_of(names, t)}" + (f", pair={_name_of(names, p)}" if p is not None else "")
                + f", label={_name_of(names, lab)}" + how)
     return LabelledData(name=path.name, texts=[c[t].strip() for _, c in body],

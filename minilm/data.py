@@ -148,8 +148,8 @@ class Source:
         """What makes this source's content what it is, for the prepare cache key.
 
         Content-hashed sources are identified by the hash; files by path, size, modification
-        time and status-change time (cheap; the ctime also changes when a tool such as `cp -p`,
-        `rsync -a` or `tar` writes new content under the old mtime, which no program can set).
+        time and status-change time. Cheap, and safe: a tool such as `cp -p`, `rsync -a` or
+        `tar` may write new content under the old mtime, but no program can set the ctime.
         """
         if self.sha256 is not None:
             return {"kind": self.kind, "name": self.name, "sha256": self.sha256}

@@ -16,7 +16,8 @@ import argparse
 import sys
 import time
 
-from minilm.cli import HelpFormatter, add_machine_flags, add_shape_flags, choices, config_from_args, main_guard
+from minilm.cli import (HelpFormatter, add_machine_flags, add_shape_flags, choices, config_from_args, given_flags,
+                        main_guard)
 from minilm.config import PRESETS
 from minilm.pretrain import PretrainConfig, resumed_config, run
 from minilm.training import LoopConfig
@@ -75,8 +76,7 @@ def parse_args(argv: list[str] | None) -> PretrainConfig:
     add_machine_flags(a)
     args = p.parse_args(argv)
     # the settings this command line gives (as config field names): all that --resume may change
-    given = {"progress" if dest == "no_progress" else dest
-             for dest, value in vars(args).items() if value != p.get_default(dest)}
+    given = {"progress" if dest == "no_progress" else dest for dest in given_flags(p, argv)}
 
     if args.resume and not args.out:
         p.error("--resume needs --out RUN_DIR")

@@ -33,6 +33,21 @@ def main_guard(main: Callable[[], int], resumable: bool = False) -> int:
         return 130
 
 
+def given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The dests of the flags a command line gives, whatever their values: a flag given with its
+    default value is given too (comparing values with the defaults would miss it). Parsed a
+    second time with every default suppressed, so abbreviations count as argparse reads them."""
+    actions = [action for action in parser._actions if action.dest != "help"]
+    defaults = [action.default for action in actions]
+    try:
+        for action in actions:
+            action.default = argparse.SUPPRESS
+        return set(vars(parser.parse_args(argv)))
+    finally:
+        for action, default in zip(actions, defaults):
+            action.default = default
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help with every default shown, and the description (usage examples) kept as written."""
 

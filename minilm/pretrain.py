@@ -326,7 +326,8 @@ def run(cfg: PretrainConfig) -> dict:
         else:
             get_batch, evaluate = mlm_batches(cfg, prepared, tok), mlm_evaluate(cfg, prepared, tok, device)
 
-        trainer = Trainer(model, get_batch, cfg.loop, out, device, dtype, evaluate=evaluate)
+        trainer = Trainer(model, get_batch, cfg.loop, out, device, dtype, evaluate=evaluate,
+                          final_scores_more=prepared.val.tokens > cfg.eval_tokens)
         if cfg.resume:
             trainer.resume()            # refuses a run that has spent its budget, before writing anything
             say(f"resumed at step {trainer.step}")
@@ -335,7 +336,8 @@ def run(cfg: PretrainConfig) -> dict:
         write_json(out / "train_config.json", asdict(cfg))     # on resume: with the new budget, if any
     prep_seconds = time.perf_counter() - wall0
     result = trainer.fit()
-    summary = {**result, "weights": "model.safetensors = final; best.safetensors = best by val_loss",
+    summary = {**result, "weights": "model.safetensors = final; best.safetensors = best by val_loss on the "
+               "periodic evaluations' set (the first --eval-tokens of validation; \"best\" is that score)",
                "parameters": model.num_parameters(), "prepare_seconds": round(prep_seconds, 1),
                "wall_seconds": round(time.perf_counter() - wall0, 1), "device": str(device),
                "dtype": dtype_name(dtype), "torch": torch.__version__, "python": platform.python_version(),

@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from minilm.checkpoint import load_state, save_state, save_weights
-from minilm.config import check_choices, check_ranges
+from minilm.config import check_choices, check_ranges, flag
 from minilm.errors import MinilmError
 from minilm.model import PreTrained
 
@@ -248,6 +248,8 @@ class LoopConfig:
             raise MinilmError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not 0 < self.layer_lr_decay <= 1:
             raise MinilmError(f"--layer-lr-decay must be in (0, 1], got {self.layer_lr_decay}")
+        if self.patience and not self.eval_every:
+            raise MinilmError(f"--patience {self.patience} needs periodic evaluations: set --eval-every")
 
 
 def format_metric(name: str, value: float) -> str:
@@ -297,11 +299,15 @@ class Trainer:
 
     def __init__(self, model: PreTrained, get_batch: Callable[[int], Batch], loop: LoopConfig,
                  run_dir: Path, device: torch.device, dtype: torch.dtype,
-                 evaluate: Callable[[PreTrained, bool], dict[str, float]] | None = None):
-        """evaluate(model, final) -> metrics; final=True at the end asks for the full score
-        (periodic evaluations may use a cheaper subset)."""
+                 evaluate: Callable[[PreTrained, bool], dict[str, float]] | None = None,
+                 final_scores_more: bool = False):
+        """evaluate(model, final) -> metrics; final=True at the end asks for the full score.
+        final_scores_more: the periodic evaluations score a cheaper subset (pretraining's
+        --eval-tokens), so the best checkpoint is chosen on that subset throughout, the last step
+        included, and the full final score is reported beside it without competing."""
         self.model, self.get_batch, self.loop, self.run_dir = model, get_batch, loop, Path(run_dir)
         self.device, self.dtype, self.evaluate_fn = device, dtype, evaluate
+        self.final_scores_more = final_scores_more
         self.optimizer = make_optimizer(model, loop.lr, loop.weight_decay, (loop.beta1, loop.beta2), device,
                                         loop.layer_lr_decay)
         # fp16 has too few exponent bits for small gradients: scale the loss up, unscale before the step
@@ -312,6 +318,7 @@ class Trainer:
         self.train_seconds = 0.0
         self.best: float | None = None
         self.evals_without_improvement = 0
+        self.evaluated_step: int | None = None      # the step of the last evaluation that competed for best
         self.history: list[dict] = []
 
     # ---- state ------------------------------------------------------------------------
@@ -344,15 +351,15 @@ class Trainer:
         save_state(self.run_dir, self.model, self.state_dict())
 
     # ---- progress and budget ------------------------------------------------------------
+    def budget_used(self) -> dict[str, float]:
+        """The share used of each budget the loop has, by field name."""
+        loop = self.loop
+        used = {"max_steps": (self.step, loop.max_steps), "max_tokens": (self.tokens, loop.max_tokens),
+                "time_budget": (self.train_seconds, loop.time_budget)}
+        return {name: spent / limit for name, (spent, limit) in used.items() if limit}
+
     def progress(self) -> float:
-        loop, fractions = self.loop, []
-        if loop.max_steps:
-            fractions.append(self.step / loop.max_steps)
-        if loop.max_tokens:
-            fractions.append(self.tokens / loop.max_tokens)
-        if loop.time_budget:
-            fractions.append(self.train_seconds / loop.time_budget)
-        return max(fractions)
+        return max(self.budget_used().values())
 
     # ---- one optimisation step ----------------------------------------------------------
     def train_step(self) -> tuple[float, float]:
@@ -381,14 +388,18 @@ class Trainer:
         self.step += 1
         return total_loss, lr
 
-    def evaluate(self, final: bool = False) -> dict[str, float]:
+    def evaluate(self, final: bool = False, compete: bool = True) -> dict[str, float]:
+        """The metrics of evaluate_fn; with compete, the weights become best.safetensors when
+        they beat the best so far (and the patience count moves)."""
         if self.evaluate_fn is None:
             return {}
         self.model.eval()
         with torch.no_grad(), autocast(self.device, self.dtype):
             metrics = self.evaluate_fn(self.model, final)
         value = metrics.get(self.loop.best_metric)
-        if value is not None:
+        if compete:
+            self.evaluated_step = self.step
+        if compete and value is not None:
             better = self.best is None or (value < self.best if self.loop.best_mode == "min" else value > self.best)
             if better:
                 self.best = value
@@ -413,55 +424,65 @@ class Trainer:
         bar = tqdm(total=100, initial=round(100 * self.progress(), 1), disable=not loop.progress, mininterval=1.0,
                    bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}<{remaining}{postfix}]", dynamic_ncols=True)
         with deferred_interrupt() as interrupt:
-            stop_reason = self.train_until_done(bar, interrupt)
+            stop_reason, row = self.train_until_done(bar, interrupt)
         bar.close()
-        final = self.evaluate(final=True)
-        self.log({"step": self.step, "tokens": self.tokens, "lr": lr_at(self.step, self.progress(), loop.lr,
-                  loop.warmup_steps, loop.schedule, loop.min_lr_ratio), "train_seconds": self.train_seconds, **final})
+        # The last step gets one row: its training window, the evaluation that competes for the
+        # best checkpoint (unless early stopping has just made it) and, where the periodic
+        # evaluations score a subset, the full score beside it.
+        final = {k: v for k, v in row.items() if k.startswith("val_")}
+        if self.evaluated_step != self.step:
+            final = self.evaluate(final=not self.final_scores_more)
+        if self.final_scores_more:
+            final = self.evaluate(final=True, compete=False)
+        self.log({**row, **final})
         save_weights(self.model, self.run_dir / "model.safetensors")
         self.save()
         return {"stop_reason": stop_reason, "steps": self.step, "tokens": self.tokens,
                 "train_seconds": round(self.train_seconds, 2), "best": self.best, **final}
 
-    def train_until_done(self, bar: tqdm, interrupt: threading.Event) -> str:
+    def train_until_done(self, bar: tqdm, interrupt: threading.Event) -> tuple[str, dict]:
         """Steps, with a log row every log_every steps and an evaluation every eval_every, until
-        the budget is spent; returns why it stopped. On Ctrl-C it saves the state and raises Interrupted."""
+        the budget is spent; returns why it stopped and the last step's row, unwritten (fit
+        completes it). On Ctrl-C it saves the state and raises Interrupted."""
         loop = self.loop
         window_loss, window_steps, window_tokens, window_time = 0.0, 0, 0, 0.0
+        row: dict = {"step": self.step, "tokens": self.tokens}
         while self.progress() < 1.0:
             t0, tokens0 = time.perf_counter(), self.tokens
             loss, lr = self.train_step()
             if not math.isfinite(loss):
-                raise MinilmError(f"loss became {loss} at step {self.step}: lower --lr or use --dtype fp32")
+                hint = "" if self.dtype == torch.float32 else " or use --dtype fp32"
+                raise MinilmError(f"loss became {loss} at step {self.step}: lower --lr{hint}")
             elapsed = time.perf_counter() - t0
             self.train_seconds += elapsed
             window_loss, window_steps = window_loss + loss, window_steps + 1
             window_tokens, window_time = window_tokens + self.tokens - tokens0, window_time + elapsed
-            row = None
-            if self.step % loop.log_every == 0:     # (a resumed run's first window may be shorter)
-                row = {"step": self.step, "tokens": self.tokens, "lr": lr, "loss": window_loss / window_steps,
-                       "tok_per_s": window_tokens / max(window_time, 1e-9), "train_seconds": self.train_seconds}
+            done = self.progress() >= 1.0
+            row = {"step": self.step, "tokens": self.tokens, "lr": lr}
+            if self.step % loop.log_every == 0 or done:     # (a resumed run's first window may be shorter)
+                row.update(loss=window_loss / window_steps, tok_per_s=window_tokens / max(window_time, 1e-9),
+                           train_seconds=self.train_seconds)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tok_per_s']:.0f}")
                 window_loss, window_steps, window_tokens, window_time = 0.0, 0, 0, 0.0
             stop_reason = None
-            if loop.eval_every and self.step % loop.eval_every == 0 and self.progress() < 1.0:
-                metrics = self.evaluate()
-                row = {**(row or {"step": self.step, "tokens": self.tokens, "lr": lr}), **metrics}
+            if loop.eval_every and self.step % loop.eval_every == 0 and not done:
+                row.update(self.evaluate())
                 if loop.patience and self.evals_without_improvement >= loop.patience:
                     stop_reason = f"early stop: {loop.best_metric} did not improve in {loop.patience} evaluations"
-            if row is not None:
-                self.log(row)
             bar.n = round(min(100.0, 100 * self.progress()), 1)
             bar.refresh()
+            if stop_reason or done:
+                spent = ", ".join(flag(name) for name, used in self.budget_used().items() if used >= 1)
+                return stop_reason or f"budget: {spent}", row
+            if len(row) > 3:        # more than step, tokens, lr: a log row or an evaluation
+                self.log(row)
             if interrupt.is_set():
                 bar.close()
                 self.save()
                 raise Interrupted(self.run_dir, self.step)
             if loop.save_every and self.step % loop.save_every == 0:
                 self.save()
-            if stop_reason:
-                return stop_reason
-        return "budget"
+        return "budget", row
 
 
 # --------------------------------------------------------------------------------------

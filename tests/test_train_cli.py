@@ -79,7 +79,7 @@ def test_data_tokenizer_and_budget_flags_reach_the_run(corpus, tmp_path):
     tokenizer_file = "tokenizer/tokenizer.model"
     assert (second / tokenizer_file).read_bytes() == (first / tokenizer_file).read_bytes()
     summary = json.loads((second / "summary.json").read_text())
-    assert summary["steps"] == math.ceil(1000 / (4 * 32)) and summary["stop_reason"] == "budget"
+    assert summary["steps"] == math.ceil(1000 / (4 * 32)) and summary["stop_reason"] == "budget: --max-tokens"
     config = json.loads((second / "train_config.json").read_text())
     assert (config["split"], config["attention"], config["text_field"]) == ("tail", "manual", "body")
     with pytest.raises(MinilmError, match="no string field 'text'"):
@@ -174,14 +174,17 @@ def test_resume_keeps_the_runs_settings_and_takes_only_a_new_budget(corpus, tmp_
     before = {name: (out / name).read_bytes() for name in files}
     for flags, message in ((["--lr", "0.5"], "--lr 0.5 differs from this run's 0.002"),
                            (["--seq-len", "16"], "--seq-len 16 differs from this run's 32"),
+                           # given with train.py's default value: still given (it used to be ignored)
+                           (["--warmup-steps", "100"], "--warmup-steps 100 differs from this run's 2"),
                            ([], "has already spent its budget (step 3)")):
         assert main_guard(lambda: train.main(["--out", str(out), "--resume", *flags])) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1
     assert {name: (out / name).read_bytes() for name in files} == before      # a refused resume writes nothing
-    assert train.main(["--out", str(out), "--resume", "--max-steps", "5"]) == 0      # train it further
+    assert train.main(["--out", str(out), "--resume", "--max-steps", "5", "--eval-every", "200"]) == 0   # further
     assert json.loads((out / "summary.json").read_text())["steps"] == 5
-    assert json.loads((out / "train_config.json").read_text())["loop"]["max_steps"] == 5
+    loop = json.loads((out / "train_config.json").read_text())["loop"]
+    assert loop["max_steps"] == 5 and loop["eval_every"] == 200       # 200 is the default, given all the same
 
 
 def test_a_copied_or_moved_run_resumes_where_it_is_now(corpus, tmp_path):

@@ -235,3 +235,40 @@ def test_best_checkpoint_and_early_stopping(tmp_path):
     best, final = load_file(tmp_path / "best.safetensors"), load_file(tmp_path / "model.safetensors")
     assert all(torch.equal(best[k], at_best[k]) for k in best)               # the weights of the 2.0 evaluation
     assert not all(torch.equal(best[k], final[k]) for k in best)             # not the last ones
+    assert next(scores) == 2.7          # the early-stopped weights were not evaluated a second time
+
+
+@pytest.mark.parametrize("steps", [7, 10])
+def test_the_last_step_has_one_row_with_its_own_training_window(tmp_path, steps):
+    """log_every 5: a run of 10 steps logs 5 and 10 once each; a run of 7 logs 5 and 7, and
+    row 7 holds the loss of steps 6-7 and the lr step 7 trained at."""
+    loop = LoopConfig(lr=1e-3, warmup_steps=2, max_steps=steps, log_every=5, eval_every=0, progress=False)
+    Trainer(tiny_model(), get_batch, loop, tmp_path, torch.device("cpu"), torch.float32,
+            evaluate=lambda model, final: {"val_loss": 1.0}).fit()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [5, steps]
+    last = rows[-1]
+    assert {"loss", "tok_per_s", "train_seconds", "val_loss"} <= set(last)
+    assert last["lr"] == pytest.approx(lr_at(steps - 1, (steps - 1) / steps, 1e-3, 2, "cosine", loop.min_lr_ratio))
+
+
+def test_with_a_subset_evaluated_periodically_the_best_is_chosen_on_the_subset(tmp_path):
+    """Pretraining scores the first --eval-tokens periodically and everything at the end: the
+    last step must compete on the subset too, not with its full score (another set's number)."""
+    subset_scores = iter([3.0, 2.0, 1.5])          # steps 2, 4, and 5 (the last)
+
+    def evaluate(model, final):
+        return {"val_loss": 9.0 if final else next(subset_scores)}
+
+    loop = LoopConfig(lr=1e-3, warmup_steps=0, max_steps=5, eval_every=2, progress=False)
+    summary = Trainer(tiny_model(), get_batch, loop, tmp_path, torch.device("cpu"), torch.float32,
+                      evaluate=evaluate, final_scores_more=True).fit()
+    assert summary["best"] == 1.5 and summary["val_loss"] == 9.0
+    best, final = load_file(tmp_path / "best.safetensors"), load_file(tmp_path / "model.safetensors")
+    assert all(torch.equal(best[k], final[k]) for k in best)     # 1.5 beat 2.0: the last weights are best
+
+
+def test_patience_needs_periodic_evaluations():
+    with pytest.raises(MinilmError, match="--patience 2 needs periodic evaluations"):
+        LoopConfig(max_steps=10, eval_every=0, patience=2)
+

@@ -54,6 +54,7 @@ likely tokens per [MASK].
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -75,8 +76,10 @@ def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
 
     T < 1 sharpens the distribution (T → 0 puts all mass on the argmax: greedy), T > 1
     flattens it (T → ∞ tends to uniform), T = 1 leaves the model's distribution as is.
+    The row maximum is subtracted first (softmax does not change), so a tiny T gives very
+    negative logits, never inf − inf = NaN.
     """
-    return logits / temperature
+    return (logits - logits.amax(dim=-1, keepdim=True)) / temperature
 
 
 def top_k_filter(logits: Tensor, k: int) -> Tensor:
@@ -116,8 +119,8 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
 
 def check_sampling_options(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """Raise MinilmError for values that define no distribution."""
-    if temperature < 0:
-        raise MinilmError(f"temperature={temperature} is negative: use 0 (greedy) or a value > 0 such as 0.8")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise MinilmError(f"temperature={temperature}: use 0 (greedy) or a finite value > 0 such as 0.8")
     if top_k is not None and top_k < 1:
         raise MinilmError(f"top_k={top_k} keeps no token: use k >= 1, or no top-k filter")
     if top_p is not None and not 0.0 < top_p <= 1.0:
@@ -269,9 +272,10 @@ def fill_mask(model: MaskedLM, tokenizer, text: str, top_k: int = 5) -> list[lis
 
     The text is encoded as "[CLS] text [SEP]"; each literal "[MASK]" in it becomes the
     tokenizer's mask_id. For each mask position i (in order of appearance) returns
-    [(token, p), …] with p = softmax(head(h_i)) of that token, sorted by decreasing p.
-    A token is shown as `token_text` writes it (decoded; a leading space means it starts
-    a word; special tokens appear as their names, e.g. "[SEP]").
+    [(token, p), …] with p = softmax(head(h_i)) of that token over the ordinary tokens
+    (special tokens such as [PAD] or [SEP] are never MLM targets, so they are left out),
+    sorted by decreasing p. A token is shown as `token_text` writes it (decoded; a leading
+    space means it starts a word). `fill_in` writes the text with chosen candidates.
 
     tokenizer: a `tokenizer.Tokenizer` (callable BERT-style, with mask_id and decode).
     """
@@ -299,14 +303,28 @@ def fill_mask(model: MaskedLM, tokenizer, text: str, top_k: int = 5) -> list[lis
 
     with evaluation_mode(model):
         h = model.transformer(input_ids, token_type_ids=token_type_ids)  # (1, T, d)
-        logits = model.head(h[0, is_mask])                               # (n_masks, V): masks only
-    probs = logits.float().softmax(dim=-1)
+        logits = model.head(h[0, is_mask]).float()                       # (n_masks, V): masks only
+    logits[:, sorted(tokenizer.special_ids)] = float("-inf")
+    probs = logits.softmax(dim=-1)
     top = probs.topk(min(top_k, probs.size(-1)), dim=-1)                 # sorted, largest first
 
     results = []
     for values, ids in zip(top.values.tolist(), top.indices.tolist()):
         results.append([(token_text(tokenizer, i), p) for i, p in zip(ids, values)])
     return results
+
+
+def fill_in(text: str, fills: list[str]) -> str:
+    """text with its k-th "[MASK]" replaced by fills[k], by position. A fill that starts a
+    word brings its own leading space (see fill_mask), which replaces the space before the
+    mask: fill_in("[MASK] cat sat on the [MASK].", [" The", "mat"]) = "The cat sat on the mat."."""
+    parts = text.split("[MASK]")
+    out = parts[0]
+    for fill, after in zip(fills, parts[1:]):
+        if fill.startswith(" ") and (not out or out.endswith(" ")):
+            fill = fill[1:]
+        out += fill + after
+    return out
 
 
 def token_text(tokenizer, token_id: int) -> str:

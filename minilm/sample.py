@@ -24,7 +24,7 @@ from minilm.checkpoint import load_model_dir
 from minilm.cli import main_guard
 from minilm.data import load_tokenizer
 from minilm.errors import MinilmError
-from minilm.generate import check_sampling_options, fill_mask, generate
+from minilm.generate import check_sampling_options, fill_in, fill_mask, generate
 from minilm.model import CausalLM, MaskedLM, ReplacedTokenDetection
 from minilm.training import resolve_device
 from tokenizer import Tokenizer
@@ -84,11 +84,7 @@ def sample_masked(model: MaskedLM, tokenizer: Tokenizer, args: argparse.Namespac
         print(f"  {'rank':>4}  {'token':<20} {'probability':>11}")
         for rank, (token, prob) in enumerate(candidates, start=1):
             print(f"  {rank:>4}  {token!r:<20} {prob:>11.4f}")
-    filled = args.prompt
-    for candidates in per_mask:         # a candidate brings its own leading space (see fill_mask)
-        best = candidates[0][0]
-        filled = filled.replace(" [MASK]" if best.startswith(" ") else "[MASK]", best, 1)
-    print(f"best: {filled}")
+    print(f"best: {fill_in(args.prompt, [candidates[0][0] for candidates in per_mask])}")
 
 
 def run(args: argparse.Namespace) -> None:

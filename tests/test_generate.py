@@ -11,6 +11,7 @@ between two correct programs into different tokens.
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
@@ -20,7 +21,7 @@ from minilm import CausalLM, MaskedLM, preset
 from minilm.checkpoint import save_model_dir
 from minilm.config import ATTENTIONS
 from minilm.errors import MinilmError
-from minilm.generate import (apply_temperature, fill_mask, generate, positions_from_mask,
+from minilm.generate import (apply_temperature, fill_in, fill_mask, generate, positions_from_mask,
                              sample_next_token, token_text, top_k_filter, top_p_filter)
 from minilm.sample import main
 from tokenizer import Tokenizer
@@ -201,9 +202,12 @@ def test_lower_temperature_is_sharper():
 
     assert (entropy(0.5) < entropy(1.0)).all()
     assert (entropy(1.0) < entropy(2.0)).all()
+    # a tiny temperature is (nearly) greedy, never NaN: logits / 1e-45 alone would be inf - inf
+    assert torch.equal(sample_next_token(logits, temperature=1e-45), logits.argmax(-1))
 
 
-@pytest.mark.parametrize("bad, message", [(dict(temperature=-1.0), "temperature"), (dict(top_k=0), "top_k"),
+@pytest.mark.parametrize("bad, message", [(dict(temperature=-1.0), "temperature"), (dict(temperature=math.nan),
+                                          "temperature"), (dict(top_k=0), "top_k"),
                                           (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p")])
 def test_bad_sampling_options_are_user_errors(bad, message):
     model = tiny_causal("gpt", dtype=torch.float32)
@@ -268,7 +272,8 @@ def test_fill_mask_returns_sorted_top_k(tok):
         assert all(0.0 < p <= 1.0 for p in probs) and sum(probs) <= 1.0 + 1e-6
         assert all(isinstance(token, str) for token, _ in candidates)
     assert model.training                                               # mode restored
-    # the model's own top 4: the full forward over the same input, softmax at the [MASK]s
+    # the model's own top 4: the full forward over the same input, softmax at the [MASK]s over
+    # the ordinary tokens (special tokens are never MLM targets)
     seen = []
     model.transformer.register_forward_hook(lambda module, args, kwargs, out: seen.append((args[0], kwargs)),
                                             with_kwargs=True)
@@ -277,7 +282,11 @@ def test_fill_mask_returns_sorted_top_k(tok):
     with torch.no_grad():
         model.eval()
         logits = model(ids, token_type_ids=kwargs["token_type_ids"]).logits[0, ids[0] == tok.mask_id]
+    logits[:, sorted(tok.special_ids)] = float("-inf")
     expected = logits.softmax(-1).topk(4)
+    all_tokens = fill_mask(model, tok, "the [MASK] sat", top_k=tok.vocab_size)[0]
+    assert len(all_tokens) == tok.vocab_size and sum(p for _, p in all_tokens) == pytest.approx(1.0, abs=1e-5)
+    assert all(p == 0.0 for token, p in all_tokens if token in ("[PAD]", "[SEP]", "[CLS]", "[MASK]", "</s>"))
     for candidates, values, indices in zip(result, expected.values, expected.indices):
         assert [p for _, p in candidates] == pytest.approx(values.tolist(), abs=1e-5)
         assert [token for token, _ in candidates] == [token_text(tok, i) for i in indices.tolist()]
@@ -291,6 +300,16 @@ def test_fill_mask_hides_a_whole_word_with_its_leading_space(tok):
     model.transformer.register_forward_hook(lambda module, args, out: seen.append(args[0][0].tolist()))
     fill_mask(model, tok, "the [MASK] sat", top_k=1)
     assert seen == [[tok.cls_id, *tok.encode("the"), tok.mask_id, *tok.encode(" sat"), tok.sep_id]]
+
+
+@pytest.mark.parametrize("text, fills, expected", [
+    ("[MASK] cat sat on the [MASK].", [" The", "mat"], "The cat sat on the mat."),   # by position
+    ("the[MASK].", [" mat"], "the mat."),
+    ("a [MASK] and a [MASK]", [" cat", " dog"], "a cat and a dog"),
+    ("[MASK][MASK]", ["ab", "cd"], "abcd"),
+])
+def test_fill_in_puts_each_fill_at_its_own_mask(text, fills, expected):
+    assert fill_in(text, fills) == expected
 
 
 def test_fill_mask_without_mask_is_a_user_error(tok):

@@ -42,8 +42,10 @@ keeps a sliding window of the last max_seq_len tokens, re-numbered from position
 step. With the cache that is impossible — cached keys carry the absolute position they
 were computed at (RoPE rotation, or the learned position added to the embedding), and a
 sliding window shifts every position by one each step, so every cached key would have to
-be recomputed. Therefore `generate(use_cache=True)` falls back to the uncached
-sliding-window program when T0 + max_new_tokens > max_seq_len (same results, slower).
+be recomputed. Therefore `generate(use_cache=True)` uses the cache while the sequence fits
+the context and switches to the uncached sliding-window program from the step where it no
+longer does (the same results as uncached throughout; only the steps past the context pay
+for re-encoding).
 
 Fill-mask
 ---------
@@ -213,9 +215,9 @@ def generate(model: CausalLM, input_ids: Tensor, *, max_new_tokens: int, tempera
     eos_id:         a row that emits it is finished: it keeps its eos, and the columns
                     generated after it hold config.pad_token_id; the loop stops early
                     once every row is finished (n < max_new_tokens)
-    use_cache:      prefill + one token per step with a KVCache. When T0 + max_new_tokens
-                    > config.max_seq_len it falls back to the uncached program, which slides
-                    a window of the last max_seq_len tokens (see the module docstring).
+    use_cache:      prefill + one token per step with a KVCache while the sequence fits
+                    config.max_seq_len; past it, the uncached program, which slides a window
+                    of the last max_seq_len tokens (see the module docstring).
 
     Runs in eval mode without gradients, and restores the model's training mode after.
     """
@@ -225,18 +227,19 @@ def generate(model: CausalLM, input_ids: Tensor, *, max_new_tokens: int, tempera
     batch_size, prompt_len = input_ids.shape
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    if use_cache and prompt_len + max_new_tokens > config.max_seq_len:
-        use_cache = False  # a cache cannot slide: see "The context limit" above
-
     tokens, mask = input_ids, attention_mask.long()
     finished = torch.zeros(batch_size, dtype=torch.bool, device=input_ids.device)
     cache = None
-    if use_cache:
-        cache = KVCache(config, batch_size, prompt_len + max_new_tokens,
+    if use_cache and prompt_len <= config.max_seq_len:
+        # the model is fed at most prompt_len + max_new_tokens - 1 tokens (the last sampled one
+        # never), and the cache serves only while they fit the context
+        cache = KVCache(config, batch_size, min(prompt_len + max_new_tokens - 1, config.max_seq_len),
                         device=input_ids.device, dtype=model.lm_head.weight.dtype)
 
     with evaluation_mode(model):
         for _ in range(max_new_tokens):
+            if cache is not None and tokens.size(1) > config.max_seq_len:
+                cache = None        # a cache cannot slide (see "The context limit"): re-encode from here
             if cache is not None:
                 # Feed what the cache has not seen yet: the whole prompt on the first
                 # step (prefill), then only the token appended by the previous step.

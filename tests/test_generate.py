@@ -96,11 +96,18 @@ def test_beyond_max_seq_len_slides_the_window(shape):
     model = tiny_causal(shape, max_seq_len=12)
     max_len = model.config.max_seq_len
     prompt = random_prompt(5, seed=2)
-    # the cache cannot slide, so use_cache=True falls back to the uncached program
+    fed = []        # how many tokens each forward pass reads
+    model.transformer.register_forward_hook(lambda module, args, out: fed.append(args[0].size(1)))
+    # the cache serves while the sequence fits (prefill 5, then one token at a time up to 12 in
+    # all); it cannot slide, so from there each step re-encodes the last 12
     cached = generate(model, prompt, max_new_tokens=max_len, greedy=True, use_cache=True)
+    assert fed == [5] + [1] * 7 + [max_len] * (max_len - 8)
     uncached = generate(model, prompt, max_new_tokens=max_len, greedy=True, use_cache=False)
     assert cached.shape == (1, 5 + max_len)
     assert torch.equal(cached, uncached)
+    fed.clear()                 # exactly filling the context: the last sampled token is never fed
+    generate(model, prompt, max_new_tokens=max_len - 5 + 1, greedy=True, use_cache=True)
+    assert fed == [5] + [1] * (max_len - 5)
     # the last token is predicted from the last max_len tokens alone, renumbered from 0
     window = cached[:, -max_len - 1:-1]
     assert torch.equal(generate(model, window, max_new_tokens=1, greedy=True)[0, -1], cached[0, -1])

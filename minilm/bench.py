@@ -23,7 +23,9 @@ Workloads (each a "step"):
                     usual API) and so does minilm, which runs its MLM head only on the
                     target rows. Dropout is on (train mode), as in real training.
   clm-train         GPT-2 shape: CausalLM vs GPT2LMHeadModel, forward + backward + AdamW.
-                    HF shifts its labels internally; minilm gets them shifted already.
+                    HF shifts its labels internally; minilm gets them shifted already, and
+                    computes the loss a chunk of rows at a time (linear_cross_entropy)
+                    where HF materialises all B·T·V logits.
   classify-forward  BERT shape: SequenceClassifier vs BertForSequenceClassification,
                     inference (eval, torch.inference_mode) on a right-padded batch whose
                     rows hold between T/2 and T real tokens.
@@ -37,11 +39,14 @@ Workloads (each a "step"):
                     head, the fused kernel does not.
 
 Both sides use the same optimizer (torch AdamW, fused where available), the same
-precision and the same batch. Training workloads run under autocast (fp32 weights, the
+precision and the same batch. The speed-up compares the two libraries as each runs by
+default, so it includes these differences of method (MLM head on the target rows only,
+chunked LM loss, a preallocated KV cache against HF's default dynamic one), not only
+kernel speed; the parity gate checks that both compute the same function first. Training workloads run under autocast (fp32 weights, the
 usual mixed precision); inference workloads cast both models to the dtype.
 
 Measurements:
-  * step time: wall clock of one step, synchronised on CUDA; the median of --steps.
+  * step time: wall clock of one step, synchronised on CUDA and MPS; the median of --steps.
   * tokens/s: tokens per step / median step time (training and forward: B·T input tokens,
     generation: B·new tokens).
   * peak memory: the most memory allocated during one step above what was allocated
@@ -51,8 +56,9 @@ Measurements:
     one extra, untimed step.
   * MFU (CUDA only): model FLOPs per second / the device's peak dense FLOPs for the dtype
     (table `PEAK_TFLOPS`). Model FLOPs per token are ModelConfig.flops_per_token (6·N +
-    12·L·d·T for training, a third of it for a forward pass), the same for both sides. A
-    device missing from the table gets no MFU: it is omitted, never guessed.
+    12·L·d·T for training, a third of it for a forward pass; N without the LM head for the
+    classifier; generation adds each new token's share of the prompt's prefill), the same
+    for both sides. A device missing from the table gets no MFU: it is omitted, never guessed.
 
 CPU allocator. On Linux, glibc returns large freed blocks to the OS at once (mmap
 threshold), so every step page-faults its activations and logits back in, and the
@@ -289,7 +295,10 @@ def build_pair(name: str, opts: BenchOptions) -> Pair:
         hf_batch = batch
         description = "classification forward (inference, padded)"
         tokens = B * T
-        flops = config.flops_per_token(T) / 3
+        # no LM head: the classifier's matmuls are the blocks, the pooler and d × num_labels
+        head = config.d_model * (config.num_labels + (config.d_model if config.pooler else 0))
+        flops = config.flops_per_token(T, n_params=config.n_matmul_params()
+                                       - config.d_model * config.vocab_size + head) / 3
 
         def parity_logits(model: nn.Module, side: str) -> Tensor:
             return model(**batch).logits
@@ -300,7 +309,9 @@ def build_pair(name: str, opts: BenchOptions) -> Pair:
         prompt = ids[:, :prompt_len].to(device)
         description = f"greedy generation, KV cache ({prompt_len} + {new_tokens} tokens)"
         tokens = B * new_tokens
-        flops = config.flops_per_token(prompt_len + new_tokens // 2) / 3
+        # per generated token: its own forward at the mean context, plus its share of the prefill
+        prefill = prompt_len * config.flops_per_token(prompt_len) / 3
+        flops = (prefill + new_tokens * config.flops_per_token(prompt_len + new_tokens // 2) / 3) / new_tokens
 
         def parity_logits(model: nn.Module, side: str) -> Tensor:
             return model(input_ids=prompt).logits
@@ -379,8 +390,11 @@ def check_parity(pair: Pair, opts: BenchOptions) -> dict:
 # measuring
 # --------------------------------------------------------------------------------------
 def _sync(device: torch.device) -> None:
+    """Wait for queued kernels, so that the clock measures their work (GPUs run asynchronously)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def peak_step_memory(step: Callable[[], object], device: torch.device) -> int | None:
@@ -657,8 +671,7 @@ def run(opts: BenchOptions, log: Callable[[str], None] = print) -> dict:
     """All requested workloads -> the report (also written to opts.out)."""
     device = resolve_device(opts.device)
     dtype = resolve_dtype(device, opts.dtype)
-    if opts.malloc_tuning and device.type == "cpu":
-        tune_cpu_allocator()
+    tuned = opts.malloc_tuning and device.type == "cpu" and tune_cpu_allocator()    # False where no glibc
     transformers = import_transformers()
     transformers.logging.set_verbosity_error()   # config warnings about unused GPT-2 bos/eos ids are noise here
 
@@ -666,7 +679,7 @@ def run(opts: BenchOptions, log: Callable[[str], None] = print) -> dict:
             "compile": opts.compile, "batch_size": opts.batch_size, "seq_len": opts.seq_len, "size": opts.size,
             "steps": opts.steps, "warmup": opts.warmup, "threads": torch.get_num_threads(),
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-            "cpu_allocator": "tuned (mallopt)" if opts.malloc_tuning and device.type == "cpu" else "default",
+            "cpu_allocator": "tuned (mallopt)" if tuned else "default",
             "load_avg_start": list(os.getloadavg()), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     results = []
     for name in opts.workloads:

@@ -96,6 +96,28 @@ def test_cli_exits_1_and_marks_a_refused_workload(tmp_path, capsys, monkeypatch)
     assert report["results"][0]["refused"] and report["attention_sweep"] is None
 
 
+def test_model_flops_count_the_matmuls_each_workload_runs():
+    """Forward FLOPs = 2 per weight of each matmul + 4·L·d·T for QKᵀ and ·V, counted by hand from
+    the minilm model's own linear layers."""
+    opts = tiny_options()
+    T = opts.seq_len
+
+    def forward_flops(model, context: int) -> float:
+        weights = sum(m.weight.numel() for m in model.transformer.blocks.modules() if isinstance(m, torch.nn.Linear))
+        heads = sum(m.weight.numel() for name, m in model.named_modules()
+                    if isinstance(m, torch.nn.Linear) and not name.startswith("transformer."))
+        c = model.config
+        return 2 * (weights + heads) + 4 * c.n_layers * c.d_model * context
+
+    classify = bench.build_pair("classify-forward", opts)          # pooler + classifier, no LM head
+    assert classify.flops_per_token == pytest.approx(forward_flops(classify.minilm, T))
+    generate = bench.build_pair("clm-generate", opts)              # prefill of T/2, then T/2 new tokens
+    prompt, new = T // 2, T - T // 2
+    per_new = (prompt * forward_flops(generate.minilm, prompt)
+               + new * forward_flops(generate.minilm, prompt + new // 2)) / new
+    assert generate.flops_per_token == pytest.approx(per_new)
+
+
 def test_mfu_needs_a_known_device(monkeypatch):
     cuda = torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")

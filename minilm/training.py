@@ -458,17 +458,18 @@ class Trainer:
             window_loss, window_steps = window_loss + loss, window_steps + 1
             window_tokens, window_time = window_tokens + self.tokens - tokens0, window_time + elapsed
             done = self.progress() >= 1.0
+            metrics, stop_reason = {}, None
+            if loop.eval_every and self.step % loop.eval_every == 0 and not done:
+                metrics = self.evaluate()
+                if loop.patience and self.evals_without_improvement >= loop.patience:
+                    stop_reason = f"early stop: {loop.best_metric} did not improve in {loop.patience} evaluations"
             row = {"step": self.step, "tokens": self.tokens, "lr": lr}
-            if self.step % loop.log_every == 0 or done:     # (a resumed run's first window may be shorter)
+            if self.step % loop.log_every == 0 or done or stop_reason:   # (a resumed run's first window may be shorter)
                 row.update(loss=window_loss / window_steps, tok_per_s=window_tokens / max(window_time, 1e-9),
                            train_seconds=self.train_seconds)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tok_per_s']:.0f}")
                 window_loss, window_steps, window_tokens, window_time = 0.0, 0, 0, 0.0
-            stop_reason = None
-            if loop.eval_every and self.step % loop.eval_every == 0 and not done:
-                row.update(self.evaluate())
-                if loop.patience and self.evals_without_improvement >= loop.patience:
-                    stop_reason = f"early stop: {loop.best_metric} did not improve in {loop.patience} evaluations"
+            row.update(metrics)
             bar.n = round(min(100.0, 100 * self.progress()), 1)
             bar.refresh()
             if stop_reason or done:

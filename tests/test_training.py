@@ -236,6 +236,8 @@ def test_best_checkpoint_and_early_stopping(tmp_path):
     assert all(torch.equal(best[k], at_best[k]) for k in best)               # the weights of the 2.0 evaluation
     assert not all(torch.equal(best[k], final[k]) for k in best)             # not the last ones
     assert next(scores) == 2.7          # the early-stopped weights were not evaluated a second time
+    last = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["step"] == 8 and "loss" in last and last["val_loss"] == 2.6     # its training window too
 
 
 @pytest.mark.parametrize("steps", [7, 10])

@@ -319,6 +319,7 @@ class Trainer:
         self.best: float | None = None
         self.evals_without_improvement = 0
         self.evaluated_step: int | None = None      # the step of the last evaluation that competed for best
+        self.grad_norm: float | None = None         # of the last step, before clipping (grad_clip > 0)
         self.history: list[dict] = []
 
     # ---- state ------------------------------------------------------------------------
@@ -363,7 +364,8 @@ class Trainer:
 
     # ---- one optimisation step ----------------------------------------------------------
     def train_step(self) -> tuple[float, float]:
-        """One optimizer step over grad_accum micro-batches; returns (mean loss, lr)."""
+        """One optimizer step over grad_accum micro-batches; returns (mean loss, lr). With
+        clipping on, self.grad_norm is the global gradient norm before clipping."""
         loop, model = self.loop, self.step_model
         lr = lr_at(self.step, self.progress(), loop.lr, loop.warmup_steps, loop.schedule, loop.min_lr_ratio)
         for group in self.optimizer.param_groups:
@@ -381,7 +383,8 @@ class Trainer:
             self.tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
         if loop.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), loop.grad_clip)
+            # the norm before clipping, logged: spikes in it come before a loss that diverges
+            self.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), loop.grad_clip))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -445,7 +448,7 @@ class Trainer:
         the budget is spent; returns why it stopped and the last step's row, unwritten (fit
         completes it). On Ctrl-C it saves the state and raises Interrupted."""
         loop = self.loop
-        window_loss, window_steps, window_tokens, window_time = 0.0, 0, 0, 0.0
+        window_loss, window_steps, window_tokens, window_time, window_grad = 0.0, 0, 0, 0.0, None
         row: dict = {"step": self.step, "tokens": self.tokens}
         while self.progress() < 1.0:
             t0, tokens0 = time.perf_counter(), self.tokens
@@ -457,6 +460,8 @@ class Trainer:
             self.train_seconds += elapsed
             window_loss, window_steps = window_loss + loss, window_steps + 1
             window_tokens, window_time = window_tokens + self.tokens - tokens0, window_time + elapsed
+            if self.grad_norm is not None:      # the window's largest: a spike is what one looks for
+                window_grad = max(window_grad or 0.0, self.grad_norm)
             done = self.progress() >= 1.0
             metrics, stop_reason = {}, None
             if loop.eval_every and self.step % loop.eval_every == 0 and not done:
@@ -467,8 +472,10 @@ class Trainer:
             if self.step % loop.log_every == 0 or done or stop_reason:   # (a resumed run's first window may be shorter)
                 row.update(loss=window_loss / window_steps, tok_per_s=window_tokens / max(window_time, 1e-9),
                            train_seconds=self.train_seconds)
+                if window_grad is not None:
+                    row["grad_norm"] = window_grad
                 bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tok_per_s']:.0f}")
-                window_loss, window_steps, window_tokens, window_time = 0.0, 0, 0, 0.0
+                window_loss, window_steps, window_tokens, window_time, window_grad = 0.0, 0, 0, 0.0, None
             row.update(metrics)
             bar.n = round(min(100.0, 100 * self.progress()), 1)
             bar.refresh()

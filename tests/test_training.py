@@ -217,6 +217,24 @@ def test_gradients_are_clipped_to_the_global_norm(tmp_path, grad_clip):
         assert min(norms) > 0.05            # 0 disables clipping: the raw norm (about 1 here) comes through
 
 
+@pytest.mark.parametrize("grad_clip", [0.5, 0.0])
+def test_log_rows_carry_the_windows_largest_gradient_norm_before_clipping(tmp_path, monkeypatch, grad_clip):
+    norms, clip = [], torch.nn.utils.clip_grad_norm_
+
+    def recording_clip(*args, **kwargs):
+        norms.append(float(clip(*args, **kwargs)))       # what clip_grad_norm_ returns: the norm before
+        return norms[-1]
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
+    loop = LoopConfig(lr=1e-2, warmup_steps=0, max_steps=6, log_every=3, grad_clip=grad_clip, progress=False)
+    Trainer(tiny_model(), counting_batch, loop, tmp_path, torch.device("cpu"), torch.float32).fit()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    if grad_clip:
+        assert [r["grad_norm"] for r in rows] == pytest.approx([max(norms[:3]), max(norms[3:])])
+    else:                   # no clipping, no norm computed: none logged
+        assert norms == [] and not any("grad_norm" in r for r in rows)
+
+
 def test_best_checkpoint_and_early_stopping(tmp_path):
     scores = iter([3.0, 2.0, 2.5, 2.6, 2.7, 2.8, 2.9])
     at_best = {}

@@ -42,8 +42,9 @@ Both sides use the same optimizer (torch AdamW, fused where available), the same
 precision and the same batch. The speed-up compares the two libraries as each runs by
 default, so it includes these differences of method (MLM head on the target rows only,
 chunked LM loss, a preallocated KV cache against HF's default dynamic one), not only
-kernel speed; the parity gate checks that both compute the same function first. Training workloads run under autocast (fp32 weights, the
-usual mixed precision); inference workloads cast both models to the dtype.
+kernel speed; the parity gate checks that both compute the same function first. Training
+workloads run under autocast (fp32 weights, the usual mixed precision); inference workloads
+cast both models to the dtype.
 
 Measurements:
   * step time: wall clock of one step, synchronised on CUDA and MPS; the median of --steps.

@@ -437,8 +437,8 @@ class LabelSet:
 
 def data_warnings(train: LabelledData, val: LabelledData) -> list[str]:
     """What is legal but probably a mistake: rows with an empty text (they teach the label
-    prior only), and validation rows that are copies of training rows (leakage: the score
-    then measures memory)."""
+    prior only), validation rows that are copies of training rows (leakage: the score then
+    measures memory), and labels written two ways (lookalike_labels)."""
     warnings = []
     for data in (train, val):
         empty = [line for line, text in zip(data.lines, data.texts) if not text]
@@ -449,6 +449,9 @@ def data_warnings(train: LabelledData, val: LabelledData) -> list[str]:
     if copies:
         warnings.append(f"{val.name}: {len(copies):,} of {len(val):,} validation texts also occur in the training "
                         f"data (first at line {copies[0]}), so the validation score flatters the model")
+    for group in lookalike_labels(sorted(set(train.labels))):
+        warnings.append(f"labels {', '.join(map(repr, group))} differ only in case, spaces or number form, and are "
+                        "separate classes; fix the data if they are one")
     return warnings
 
 

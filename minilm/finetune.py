@@ -41,7 +41,7 @@ from minilm.checkpoint import (WEIGHT_FILES, Weights, load_model_config, load_mo
                                new_run_setup, read_json, run_file, save_model_dir, write_json)
 from minilm.classify_data import (DEFAULT_DATASET, EncodedTexts, Header, HFTextEncoder, LabelledData, LabelSet,
                                   LengthBucketBatches, MinilmTextEncoder, TextEncoder, balanced_class_weights,
-                                  data_warnings, eval_batches, load_text_encoder, lookalike_labels, pad_batch, read_default_dataset,
+                                  data_warnings, eval_batches, load_text_encoder, pad_batch, read_default_dataset,
                                   read_labelled, split_validation)
 from minilm.config import (SHAPE_FIELDS, ModelConfig, NormPosition, Pooling, check_choices, check_ranges, flag, preset,
                            shape_overrides)
@@ -414,9 +414,6 @@ def run(cfg: FinetuneConfig) -> dict:
         say("labels: " + ", ".join(f"{n} {c:,}" for n, c in zip(labels.names, counts.tolist())))
         for warning in data_warnings(train, val):
             say(f"warning: {warning}")
-        for group in lookalike_labels(labels.names):
-            say(f"warning: labels {', '.join(map(repr, group))} differ only in case, spaces or number form, "
-                "and are separate classes; fix the data if they are one")
 
         model, encoder, note = build_model(cfg, len(labels), train)
         if cfg.token_mask and encoder.mask_id is None:

@@ -620,10 +620,11 @@ def export_run(run_dir: str | Path, out_dir: str | Path, weights: Weights = "fin
     AutoModelForMaskedLM / AutoModelForCausalLM loads. Its SentencePiece tokenizer, which
     transformers cannot read, is copied to minilm_tokenizer/. Classifiers: finetune.py export."""
     run_dir, out = Path(run_dir), Path(out_dir)
-    if load_model_config(run_dir)[1] == "classify":
+    model = load_model_dir(run_dir, WEIGHT_FILES[weights])
+    if isinstance(model, SequenceClassifier):
         raise MinilmError(f"{run_dir} is a finetune.py run: export it with finetune.py export, which also "
                           "writes its labels")
-    hf_model = to_hf(load_model_dir(run_dir, WEIGHT_FILES[weights]))   # refuses shapes no HF family has
+    hf_model = to_hf(model)             # refuses shapes no HF family has
     tokenizer = run_dir / "tokenizer"
     if tokenizer.is_dir():      # its special ids, so that generate() stops at the run's </s>
         tok = load_tokenizer(tokenizer)

@@ -399,10 +399,11 @@ class Trainer:
         self.model.eval()
         with torch.no_grad(), autocast(self.device, self.dtype):
             metrics = self.evaluate_fn(self.model, final)
+        if not compete:
+            return metrics
+        self.evaluated_step = self.step
         value = metrics.get(self.loop.best_metric)
-        if compete:
-            self.evaluated_step = self.step
-        if compete and value is not None:
+        if value is not None:
             better = self.best is None or (value < self.best if self.loop.best_mode == "min" else value > self.best)
             if better:
                 self.best = value

@@ -164,3 +164,35 @@ def test_training_dropout_on_cpu_runs_the_manual_program():
         outs.append(fn(q, k, v, None, is_causal=True, dropout_p=0.3))
     assert torch.equal(outs[0], outs[1])
     assert not torch.equal(outs[0], manual_attention(q, k, v, None, is_causal=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("padded", [False, True])
+def test_half_precision_cpu_training_runs_the_kernel_in_float32(dtype, padded):
+    """On CPU the fused kernel's half-precision backward is slow at short sequences, so a
+    bf16/fp16 input that needs a gradient goes through the float32 kernel: the output is
+    that kernel's, cast back, and the gradients match the float32 manual program's to the
+    input precision. Without a gradient (inference) the half-precision kernel runs as is."""
+    gen = torch.Generator().manual_seed(0)
+    B, nh, nkv, T, hs = 3, 4, 2, 40, 16
+    q32, k32, v32 = (torch.randn(B, n, T, hs, generator=gen) for n in (nh, nkv, nkv))
+    keep = build_keep_mask(random_padding(B, T, gen, False), T, T, False) if padded else None
+    is_causal = not padded
+    q, k, v = (t.to(dtype).requires_grad_() for t in (q32, k32, v32))
+    out = sdpa_attention(q, k, v, keep, is_causal)
+    float_kernel = torch.nn.functional.scaled_dot_product_attention(
+        q.detach().float(), k.detach().float(), v.detach().float(), attn_mask=keep, is_causal=is_causal,
+        enable_gqa=True).to(dtype)
+    assert out.dtype == dtype and torch.equal(out, float_kernel)
+    weights = torch.linspace(-1, 1, out.numel()).view_as(out)
+    (out.float() * weights).sum().backward()
+    refs = [t.to(dtype).float().requires_grad_() for t in (q32, k32, v32)]
+    (manual_attention(*refs, keep, is_causal) * weights).sum().backward()
+    for half, ref in zip((q, k, v), refs):
+        assert half.grad.dtype == dtype
+        assert (half.grad.float() - ref.grad).abs().max() <= 2e-2 * ref.grad.abs().max()
+    with torch.no_grad():
+        inference = sdpa_attention(q.detach(), k.detach(), v.detach(), keep, is_causal)
+    half_kernel = torch.nn.functional.scaled_dot_product_attention(
+        q.detach(), k.detach(), v.detach(), attn_mask=keep, is_causal=is_causal, enable_gqa=True)
+    assert torch.equal(inference, half_kernel)

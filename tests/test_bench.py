@@ -158,3 +158,19 @@ def test_attention_sweep_reports_a_program_that_does_not_fit(monkeypatch):
                                            "threads": 1, "load_avg_start": [0.0], "load_avg_end": [0.0]},
                                   "results": [], "attention_sweep": sweep})
     assert "| 32 | – |" in table and "OOM" in table
+
+
+def test_half_precision_cpu_sweep_times_the_kernel_as_is_too(tmp_path):
+    """bf16 on a CPU: sdpa_attention runs the kernel in fp32, so the sweep also times the kernel
+    called in bf16 (the reason for that route); in fp32 there is nothing to compare."""
+    meta = {"transformers": "x", "device_name": "cpu", "compile": False, "size": "tiny", "batch_size": 2,
+            "seq_len": 16, "threads": 1, "load_avg_start": [0.0], "load_avg_end": [0.0]}
+    half = bench.attention_sweep(tiny_options(sweep_lengths=(16,), dtype="bf16"), log=lambda line: None)
+    assert half["dtype"] == "bf16" and half["rows"][0]["kernel"]["median_ms"] > 0
+    table = bench.markdown_table({"meta": {**meta, "dtype": "bf16"}, "results": [], "attention_sweep": half})
+    assert "PyTorch kernel as is" in table and table.splitlines()[-1].count("|") == 8
+    assert bench.plot({"meta": meta, "results": [], "attention_sweep": half}, tmp_path) == [tmp_path / "attention.png"]
+    full = bench.attention_sweep(tiny_options(sweep_lengths=(16,)), log=lambda line: None)
+    assert "kernel" not in full["rows"][0]
+    table = bench.markdown_table({"meta": {**meta, "dtype": "fp32"}, "results": [], "attention_sweep": full})
+    assert "kernel" not in table and table.splitlines()[-1].count("|") == 7

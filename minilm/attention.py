@@ -141,9 +141,9 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None = None,
         masked rows. The manual program computes the same thing faster, so it is used.
       * The CPU flash kernel's backward is slow for bfloat16/float16 inputs at short
         sequences: forward + backward of 64 × 8 heads × 128 × 32 takes 92 ms in bf16
-        and 36 ms with the same inputs in float32 (147 vs 24 ms at T = 16, equal at
-        T = 512; torch 2.13, 2 cores). So when a gradient is needed and S ≤
-        CPU_HALF_SDPA_MAX_LEN, the kernel runs in float32 and its output is cast back.
+        and 36 ms with the same inputs in float32 (147 vs 24 ms at T = 16; torch 2.13,
+        2 cores). So when a gradient is needed and S ≤ CPU_HALF_SDPA_MAX_LEN, the
+        kernel runs in float32 and its output is cast back.
     """
     if dropout_p > 0.0 and q.device.type == "cpu":
         return manual_attention(q, k, v, keep, is_causal, dropout_p)
@@ -158,9 +158,11 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None = None,
                                           is_causal=is_causal, enable_gqa=gqa)
 
 
-# Up to this many keys, half-precision CPU training runs SDPA in float32 (see sdpa_attention):
-# measured 1.2-6x faster below it; above it float32 costs up to 20% more (T = 1024, 2048).
-CPU_HALF_SDPA_MAX_LEN = 512
+# Up to this many keys, half-precision CPU training runs SDPA in float32 (see sdpa_attention).
+# Measured (`python -m minilm.bench --workloads attention --dtype bf16`, head sizes 32 and 64):
+# 1.1-6x faster up to 256 keys; at 512 from 13% slower to 1.6x faster by head size and mask,
+# at 1024-2048 up to 20% slower.
+CPU_HALF_SDPA_MAX_LEN = 256
 
 
 ATTENTION = {"manual": manual_attention, "sdpa": sdpa_attention}

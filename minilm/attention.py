@@ -128,6 +128,12 @@ def manual_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None = None
     return probs @ v                                                     # (B, nh, T, hs)
 
 
+# Up to this many keys, half-precision CPU training runs SDPA in float32 (see sdpa_attention).
+# Measured (`python -m minilm.bench --workloads attention --dtype bf16`, head sizes 32 and 64):
+# 1.1-6x faster up to 256 keys; at 512 between equal and 13% slower, at 1024-2048 up to 20% slower.
+CPU_HALF_SDPA_MAX_LEN = 256
+
+
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None = None,
                    is_causal: bool = False, dropout_p: float = 0.0) -> Tensor:
     """The same function through PyTorch's fused kernel. Shapes as `manual_attention`.
@@ -156,13 +162,6 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None = None,
         return y.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout_p,
                                           is_causal=is_causal, enable_gqa=gqa)
-
-
-# Up to this many keys, half-precision CPU training runs SDPA in float32 (see sdpa_attention).
-# Measured (`python -m minilm.bench --workloads attention --dtype bf16`, head sizes 32 and 64):
-# 1.1-6x faster up to 256 keys; at 512 from 13% slower to 1.6x faster by head size and mask,
-# at 1024-2048 up to 20% slower.
-CPU_HALF_SDPA_MAX_LEN = 256
 
 
 ATTENTION = {"manual": manual_attention, "sdpa": sdpa_attention}

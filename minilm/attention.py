@@ -11,7 +11,8 @@ Two programs compute this one function (tests prove they agree to 1e-5):
   * `manual_attention`: five lines you can read — scores, mask, softmax, dropout, mix.
   * `sdpa_attention`: torch.nn.functional.scaled_dot_product_attention, which on CUDA
     dispatches to FlashAttention / memory-efficient kernels that never materialise the
-    (T, S) score matrix (and on CPU, without dropout, to a fused flash kernel too).
+    (T, S) score matrix (and on CPU, without dropout, to a fused flash kernel too, in
+    float32 when half-precision training at short sequences would be slow in bf16).
 
 Masks are boolean `keep` tensors, True where query t may look at key s, broadcast to
 (B, nh, T, S). A masked score is set to the most negative finite float, never -inf, and

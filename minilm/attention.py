@@ -154,15 +154,12 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None = None,
     """
     if dropout_p > 0.0 and q.device.type == "cpu":
         return manual_attention(q, k, v, keep, is_causal, dropout_p)
-    gqa = q.size(1) != k.size(1)
     if (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and q.requires_grad
             and k.size(2) <= CPU_HALF_SDPA_MAX_LEN):
         with torch.autocast("cpu", enabled=False):   # autocast would send the kernel back to bf16
-            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=keep,
-                                               is_causal=is_causal, enable_gqa=gqa)
-        return y.to(q.dtype)
+            return sdpa_attention(q.float(), k.float(), v.float(), keep, is_causal).to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout_p,
-                                          is_causal=is_causal, enable_gqa=gqa)
+                                          is_causal=is_causal, enable_gqa=q.size(1) != k.size(1))
 
 
 ATTENTION = {"manual": manual_attention, "sdpa": sdpa_attention}

@@ -45,6 +45,10 @@ def parse_args(argv: list[str] | None) -> PretrainConfig:
                    help="default: gpt-mini for clm, bert-mini for mlm and rtd")
     add_shape_flags(a, "override the preset")
     a.add_argument("--seq-len", type=int, default=128, help="context length in tokens")
+    a.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=None,
+                   help="share the token-embedding matrix with the MLM/LM decoder, so that every prediction "
+                        "also trains the input embeddings (default: as the preset; BERT and GPT-2 tie, Llama "
+                        "does not)")
     a.add_argument("--dropout", type=float, default=0.0)
     a.add_argument("--attention", choices=choices(PretrainConfig, "attention"), default="sdpa")
     a.add_argument("--mask-prob", type=float, default=0.15, help="MLM and RTD: share of tokens to mask")

@@ -51,6 +51,7 @@ class PretrainConfig:
     n_heads: int | None = None
     d_ff: int | None = None
     norm_position: NormPosition | None = None
+    tie_embeddings: bool | None = None   # None: as the preset (BERT, GPT-2 tied; Llama untied)
     dropout: float = 0.0
     attention: Attention = "sdpa"
     seq_len: int = 128
@@ -141,6 +142,8 @@ def build_tokenizer(cfg: PretrainConfig, sources: list[data.Source], run_dir: Pa
 def build_model(cfg: PretrainConfig, tok: Tokenizer) -> PreTrained:
     name = cfg.preset or DEFAULT_PRESET[cfg.objective]
     overrides = shape_overrides(cfg)
+    if cfg.tie_embeddings is not None:
+        overrides["tie_embeddings"] = cfg.tie_embeddings
     try:
         config = preset(name, vocab_size=len(tok), max_seq_len=cfg.seq_len, pad_token_id=tok.pad_id,
                         dropout=cfg.dropout, attn_dropout=cfg.dropout, attention=cfg.attention, **overrides)

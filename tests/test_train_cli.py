@@ -114,6 +114,20 @@ def test_shape_flags_change_the_preset(corpus, tmp_path):
     assert (config.position, config.mlp, config.causal) == ("rope", "swiglu", False)
 
 
+@pytest.mark.parametrize("preset, flag, tied", [("llama-tiny", None, False), ("llama-tiny", "--tie-embeddings", True),
+                                                ("bert-tiny", None, True), ("bert-tiny", "--no-tie-embeddings", False)])
+def test_tie_embeddings_flag_overrides_the_preset(corpus, tmp_path, preset, flag, tied):
+    """Tied, the MLM decoder is the token-embedding matrix itself, in training and after loading."""
+    out = tmp_path / "run"
+    assert train.main(tiny_args(corpus, out, "mlm", "--max-steps", "2", "--preset", preset,
+                                *([flag] if flag else []))) == 0
+    model = load_model_dir(out)
+    assert model.config.tie_embeddings is tied
+    shared = model.decoder.weight is model.transformer.embeddings.tokens.weight
+    assert shared is tied
+    assert json.loads((out / "train_config.json").read_text())["tie_embeddings"] == (tied if flag else None)
+
+
 @pytest.mark.parametrize("objective", ["clm", "rtd"])
 def test_interrupted_then_resumed_run_matches_the_uninterrupted_one(corpus, tmp_path, monkeypatch, objective):
     """rtd also draws the generator's samples from the global RNG, which the state restores."""

@@ -117,7 +117,8 @@ def test_shape_flags_change_the_preset(corpus, tmp_path):
 @pytest.mark.parametrize("preset, flag, tied", [("llama-tiny", None, False), ("llama-tiny", "--tie-embeddings", True),
                                                 ("bert-tiny", None, True), ("bert-tiny", "--no-tie-embeddings", False)])
 def test_tie_embeddings_flag_overrides_the_preset(corpus, tmp_path, preset, flag, tied):
-    """Tied, the MLM decoder is the token-embedding matrix itself, in training and after loading."""
+    """Tied, the MLM decoder of the saved and reloaded model is the token-embedding matrix itself;
+    the flag (or its absence: None, the preset decides) is recorded in train_config.json."""
     out = tmp_path / "run"
     assert train.main(tiny_args(corpus, out, "mlm", "--max-steps", "2", "--preset", preset,
                                 *([flag] if flag else []))) == 0

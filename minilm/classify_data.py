@@ -556,6 +556,10 @@ class HFTextEncoder:
         out = self.tokenizer(list(texts), None if pairs is None else list(pairs), max_length=max_length,
                              truncation=True, padding=False)
         ids = out["input_ids"]
+        empty = next((i for i, x in enumerate(ids) if not x), None)
+        if empty is not None:   # a row of padding only would pool nothing (and divide by zero)
+            raise MinilmError(f"text {empty + 1} ({texts[empty][:40]!r}) encodes to no tokens with the tokenizer "
+                              f"{self.tokenizer.name_or_path or ''}; is it the model's own tokenizer?")
         types = out.get("token_type_ids") or [[0] * len(x) for x in ids]
         return EncodedTexts(ids, types)
 
@@ -569,6 +573,25 @@ class HFTextEncoder:
             return cls(transformers.AutoTokenizer.from_pretrained(str(directory)))
         except (OSError, ValueError) as err:
             raise MinilmError(f"cannot load a Hugging Face tokenizer from {directory}: {err}") from err
+
+
+# The files AutoTokenizer builds a tokenizer from. A directory with none of them is no
+# error to transformers 5: it builds an empty tokenizer that turns every word into [UNK].
+HF_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                      "tokenizer.model")
+
+
+def load_hf_model_text_encoder(directory: str | Path) -> TextEncoder:
+    """The tokenizer of a Hugging Face model directory: its own files, or else the minilm
+    tokenizer that `python -m minilm.hf export` and `finetune.py export` copy to
+    minilm_tokenizer/ (transformers cannot read it)."""
+    directory = Path(directory)
+    if any((directory / name).is_file() for name in HF_TOKENIZER_FILES):
+        return HFTextEncoder.from_pretrained(directory)
+    if (directory / "minilm_tokenizer").is_dir():
+        return MinilmTextEncoder(load_tokenizer(directory / "minilm_tokenizer"))
+    raise MinilmError(f"{directory} has no tokenizer: none of {', '.join(HF_TOKENIZER_FILES)} and no "
+                      "minilm_tokenizer/; copy the model's tokenizer files beside its weights")
 
 
 def load_text_encoder(directory: str | Path) -> TextEncoder:

@@ -39,10 +39,10 @@ import torch.nn.functional as F
 
 from minilm.checkpoint import (WEIGHT_FILES, Weights, load_model_config, load_model_dir, load_weights, new_run_dir,
                                new_run_setup, read_json, run_file, save_model_dir, write_json)
-from minilm.classify_data import (DEFAULT_DATASET, EncodedTexts, Header, HFTextEncoder, LabelledData, LabelSet,
+from minilm.classify_data import (DEFAULT_DATASET, EncodedTexts, Header, LabelledData, LabelSet,
                                   LengthBucketBatches, MinilmTextEncoder, TextEncoder, balanced_class_weights,
-                                  data_warnings, eval_batches, load_text_encoder, pad_batch, read_default_dataset,
-                                  read_labelled, split_validation)
+                                  data_warnings, eval_batches, load_hf_model_text_encoder, load_text_encoder,
+                                  pad_batch, read_default_dataset, read_labelled, split_validation)
 from minilm.config import (SHAPE_FIELDS, ModelConfig, NormPosition, Pooling, check_choices, check_ranges, flag, preset,
                            shape_overrides)
 from minilm.errors import MinilmError
@@ -254,7 +254,7 @@ def load_body(cfg: FinetuneConfig) -> tuple[PreTrained, TextEncoder, str]:
             warnings.simplefilter("ignore")
             source, report = from_hf(path, head="classify", return_report=True)
         unused = f", {len(report.unused)} checkpoint tensors unused" if report.unused else ""
-        return source, HFTextEncoder.from_pretrained(path), f"Hugging Face {path}{unused}"
+        return source, load_hf_model_text_encoder(path), f"Hugging Face {path}{unused}"
     run_dir = Path(cfg.init)
     weights = WEIGHT_FILES[cfg.init_weights]
     source = load_model_dir(run_dir, weights)

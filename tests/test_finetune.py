@@ -3,6 +3,7 @@ metrics, and tiny end-to-end runs (scratch, a train.py run, a Hugging Face direc
 
 import json
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -12,9 +13,9 @@ import finetune
 import train
 from minilm import training
 from minilm.checkpoint import load_model_dir
-from minilm.classify_data import (EncodedTexts, LabelSet, LengthBucketBatches, balanced_class_weights, data_warnings,
-                                  default_dataset_path, eval_batches, lookalike_labels, pad_batch,
-                                  read_default_dataset, read_labelled, split_validation)
+from minilm.classify_data import (EncodedTexts, HFTextEncoder, LabelSet, LengthBucketBatches, balanced_class_weights,
+                                  data_warnings, default_dataset_path, eval_batches, load_text_encoder,
+                                  lookalike_labels, pad_batch, read_default_dataset, read_labelled, split_validation)
 from minilm.cli import main_guard
 from minilm.errors import MinilmError
 from minilm.finetune import WEIGHT_FILES, ClassificationReport, load_run, predict
@@ -255,6 +256,25 @@ def test_pad_batch_and_eval_order():
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
     assert batch["token_type_ids"].tolist() == [[0, 0, 0, 0, 0], [0, 0, 1, 1, 1]]
     assert [b.tolist() for b in eval_batches(encoded.lengths, 2)] == [[1, 0], [2]]
+
+
+def test_a_text_with_no_tokens_is_an_error_not_an_empty_row():
+    """A tokenizer that is not the model's (transformers builds an empty one from a directory
+    without tokenizer files) can turn a text into no ids: a row of padding only would pool
+    nothing; it must stop with the text named."""
+
+    class EmptyTokenizer:       # what such a GPT-2-style tokenizer returns: no ids, no special tokens
+        pad_token_id = eos_token_id = mask_token_id = None
+        all_special_ids: list[int] = []
+        name_or_path = "empty"
+
+        def __call__(self, texts, pairs, **kwargs):
+            return {"input_ids": [[7] if text == "ok" else [] for text in texts]}
+
+    encoder = HFTextEncoder(EmptyTokenizer())
+    assert encoder.encode(["ok"], None, 8).input_ids == [[7]]
+    with pytest.raises(MinilmError, match="text 2 \\('no ids here'\\) encodes to no tokens"):
+        encoder.encode(["ok", "no ids here"], None, 8)
 
 
 def test_metrics_by_hand_and_against_scikit_learn():
@@ -592,6 +612,33 @@ def test_finetune_from_a_hugging_face_directory(task, tmp_path):
     # --freeze-encoder: the body is exactly the Hugging Face one
     hf_body = transformers.BertModel.from_pretrained(hf_dir)
     assert torch.equal(run.model.transformer.embeddings.tokens.weight, hf_body.embeddings.word_embeddings.weight)
+
+
+def test_hf_init_of_a_minilm_export_uses_its_minilm_tokenizer(task, pretrained_run, tmp_path, capsys):
+    """`python -m minilm.hf export` puts the SentencePiece tokenizer in minilm_tokenizer/, which
+    AutoTokenizer cannot read; transformers 5 then builds an empty tokenizer that maps every
+    word to [UNK] instead of failing. --init hf: must read minilm_tokenizer/, and a directory
+    with no tokenizer at all is a one-line error."""
+    pytest.importorskip("transformers")
+    from minilm.hf import export_run
+
+    exported = export_run(pretrained_run, tmp_path / "hf")
+    train_csv, val_csv = task
+    out = tmp_path / "run"
+    assert finetune.main(["--init", f"hf:{exported}", "--data", str(train_csv), "--val", str(val_csv),
+                          "--out", str(out), "--max-steps", "2", *QUICK]) == 0
+    run, pretrained = load_run(out), load_text_encoder(pretrained_run / "tokenizer")
+    assert run.encoder.kind == "minilm"
+    texts = ["a wonderful film", "the plot was bad"]
+    assert run.encoder.encode(texts, None, 32) == pretrained.encode(texts, None, 32)
+
+    shutil.rmtree(exported / "minilm_tokenizer")
+    capsys.readouterr()
+    code = main_guard(lambda: finetune.main(["--init", f"hf:{exported}", "--data", str(train_csv),
+                                             "--out", str(tmp_path / "run2"), "--max-steps", "2", *QUICK]))
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and f"{exported} has no tokenizer" in err, err
+    assert not (tmp_path / "run2").exists()
 
 
 @pytest.mark.parametrize("args, expected", [

@@ -19,7 +19,7 @@ import time
 from minilm.cli import (HelpFormatter, add_machine_flags, add_shape_flags, choices, config_from_args, given_flags,
                         main_guard)
 from minilm.config import PRESETS
-from minilm.pretrain import PretrainConfig, resumed_config, run
+from minilm.pretrain import PretrainConfig, resumed_config, run, with_absolute_paths
 from minilm.training import LoopConfig
 
 
@@ -92,7 +92,7 @@ def parse_args(argv: list[str] | None) -> PretrainConfig:
                       time_budget=args.time_budget, log_every=args.log_every, eval_every=args.eval_every,
                       save_every=args.save_every, compile=args.compile, progress=not args.no_progress)
     out = args.out or f"runs/{args.objective}-{time.strftime('%Y%m%d-%H%M%S')}"
-    cfg = config_from_args(PretrainConfig, args, out=out, loop=loop)
+    cfg = with_absolute_paths(config_from_args(PretrainConfig, args, out=out, loop=loop))
     return resumed_config(cfg, given) if args.resume else cfg
 
 

@@ -373,6 +373,16 @@ def _resolve_one(spec: str, cache_dir: str | os.PathLike | None, text_field: str
     raise MinilmError(f"no such file, directory or corpus: {spec!r}; pass an existing path, a glob pattern, or a corpus name ({known})")
 
 
+def absolute_spec(spec: str) -> str:
+    """`spec` with its path made absolute, so that a saved run configuration names the same
+    files from any directory. A spec that is no existing path or glob (a corpus name, or a
+    missing file, whose error should quote it as typed) is returned unchanged."""
+    path = Path(spec).expanduser()
+    if spec.strip() and (path.exists() or any(char in spec for char in "*?[")):
+        return os.path.abspath(path)
+    return spec
+
+
 def resolve_sources(
     specs: Sequence[str] | None,
     cache_dir: str | os.PathLike | None = None,

@@ -15,6 +15,7 @@ For rtd: the generator's MLM loss and accuracy and the detection loss and accura
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from contextlib import AbstractContextManager, nullcontext
@@ -82,6 +83,14 @@ RESUME_MAY_CHANGE = ("max_steps", "max_tokens", "time_budget", "device", "compil
 BUDGETS = ("max_steps", "max_tokens", "time_budget")
 
 
+def with_absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
+    """cfg with --data, --tokenizer and --cache-dir made absolute (against the current
+    directory): train_config.json then names the same files when --resume runs elsewhere."""
+    return replace(cfg, data=[data.absolute_spec(spec) for spec in cfg.data],
+                   tokenizer=cfg.tokenizer and data.absolute_spec(cfg.tokenizer),
+                   cache_dir=cfg.cache_dir and os.path.abspath(Path(cfg.cache_dir).expanduser()))
+
+
 def resumed_config(cli: PretrainConfig, given: set[str]) -> PretrainConfig:
     """The settings of the run in cli.out (its train_config.json) with the changes this command
     line may make. `given`: the fields (PretrainConfig's or LoopConfig's) its flags set. A flag
@@ -94,7 +103,8 @@ def resumed_config(cli: PretrainConfig, given: set[str]) -> PretrainConfig:
         raise MinilmError(f"{cli.out} is a finetune.py run: --resume continues train.py runs only")
     loop_fields = saved_fields.pop("loop", {})
     try:
-        saved = PretrainConfig(**saved_fields, loop=LoopConfig(**loop_fields))
+        # a run saved with relative paths (before they were made absolute) is read from here
+        saved = with_absolute_paths(PretrainConfig(**saved_fields, loop=LoopConfig(**loop_fields)))
     except TypeError as err:
         raise MinilmError(f"{path}: {err}") from err
     loop_names = {f.name for f in fields(LoopConfig)}

@@ -219,6 +219,29 @@ def test_a_copied_or_moved_run_resumes_where_it_is_now(corpus, tmp_path):
     assert json.loads((moved / "summary.json").read_text())["steps"] == 4
 
 
+def test_a_run_started_with_relative_paths_resumes_from_another_directory(corpus, tmp_path, monkeypatch, capsys):
+    """train_config.json keeps --data, --tokenizer and --cache-dir absolute, so that --resume
+    from elsewhere reads the same files, and the same file spelt another way is no change."""
+    work = tmp_path / "work"
+    (work / "text").mkdir(parents=True)
+    shutil.copy(corpus, work / "text" / "corpus.txt")
+    monkeypatch.chdir(work)
+    args = tiny_args(work / "text" / "corpus.txt", work / "run", "clm", "--max-steps", "3")
+    for name, relative in (("--data", "text/corpus.txt"), ("--out", "run"), ("--cache-dir", "cache")):
+        args[args.index(name) + 1] = relative
+    assert train.main(args) == 0
+    saved = json.loads((work / "run" / "train_config.json").read_text())
+    assert saved["data"] == [str(work / "text" / "corpus.txt")] and saved["cache_dir"] == str(work / "cache")
+
+    monkeypatch.chdir(tmp_path)
+    assert train.main(["--out", "work/run", "--resume", "--max-steps", "4"]) == 0
+    assert train.main(["--out", "work/run", "--resume", "--max-steps", "5", "--data", "work/text/../text/corpus.txt"]) == 0
+    assert json.loads((work / "run" / "summary.json").read_text())["steps"] == 5
+    assert main_guard(lambda: train.main(["--out", "work/run", "--resume", "--max-steps", "6",
+                                          "--data", str(corpus)])) == 2
+    assert "differs from this run's" in capsys.readouterr().err
+
+
 def test_damaged_or_foreign_run_directories_are_one_line_errors_on_resume(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     assert train.main(tiny_args(corpus, out, "clm", "--max-steps", "3")) == 0

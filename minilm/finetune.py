@@ -462,6 +462,8 @@ def run(cfg: FinetuneConfig) -> dict:
         evaluate = make_evaluate(enc_val, y_val, encoder.pad_id, cfg.eval_batch_size, device)
         trainer = Trainer(model, get_batch, loop, out, device, dtype, evaluate=evaluate)
     result = trainer.fit()
+    if cfg.loop.get("max_steps") is None:       # the step budget came from --epochs
+        result["stop_reason"] = result["stop_reason"].replace("--max-steps", "--epochs")
 
     # the report is about the best checkpoint, the one predict and export use
     load_weights(model, out / "best.safetensors")

@@ -191,13 +191,18 @@ Schedule = Literal["cosine", "linear", "constant"]
 
 def lr_at(step: int, progress: float, max_lr: float, warmup_steps: int, schedule: Schedule,
           min_lr_ratio: float) -> float:
-    """Linear warmup over the first steps, then decay over training progress p in [0, 1]:
+    """A linear warmup factor times a decay over training progress p in [0, 1]:
 
-        cosine: lr = max_lr · (r + (1 - r) · ½(1 + cos πp))     linear: lr = max_lr · (r + (1 - r)(1 - p))
-        constant: lr = max_lr                                    (r = min_lr_ratio)
+        lr = max_lr · w · d(p),   w = min(1, (step + 1) / warmup_steps)
+        cosine: d = r + (1 - r) · ½(1 + cos πp)     linear: d = r + (1 - r)(1 - p)
+        constant: d = 1                              (r = min_lr_ratio)
 
     Progress is the fraction of the budget used (steps, tokens or seconds), so the
-    schedule also ends on time when the budget is wall-clock.
+    schedule also ends on time when the budget is wall-clock. The decay runs from step 0,
+    warmup included (one formula for every kind of budget, where the step at which warmup
+    ends is no known fraction of a wall-clock budget), so the peak is max_lr · d(p) at the
+    end of warmup: 0.955 · max_lr for 100 warmup steps of 2,000 (linear, r = 0.1). A run
+    that ends during its warmup never reaches max_lr; Trainer.fit says so.
     """
     warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
     p = min(max(progress, 0.0), 1.0)
@@ -439,6 +444,9 @@ class Trainer:
         if self.final_scores_more:
             final = self.evaluate(final=True, compete=False)
         self.log({**row, **final})
+        if self.step < loop.warmup_steps:
+            say(f"note: the run ended in its warmup (step {self.step} of {loop.warmup_steps}), so the learning rate "
+                f"peaked at {row.get('lr', 0.0):.2e}, not {loop.lr:g}: lower --warmup-steps or give a larger budget")
         save_weights(self.model, self.run_dir / "model.safetensors")
         self.save()
         return {"stop_reason": stop_reason, "steps": self.step, "tokens": self.tokens,

@@ -329,6 +329,7 @@ def test_scratch_learns_the_task_then_predicts(task, tmp_path, capsys):
                           "--lr", "2e-3", *QUICK]) == 0
     printed = capsys.readouterr().out
     assert "macro avg" in printed and "confusion matrix" in printed
+    assert "6 epochs (budget: --epochs)" in printed       # the step budget came from --epochs, not --max-steps
     for name in ("config.json", "model.safetensors", "best.safetensors", "labels.json", "tokenizer/tokenizer.model",
                  "train_config.json", "metrics.jsonl", "summary.json"):
         assert (out / name).exists(), name

@@ -36,6 +36,15 @@ def test_lr_schedule_warms_up_then_decays_to_floor():
     assert lr_at(50, 0.5, 1.0, 0, "linear", 0.0) == pytest.approx(0.5)
 
 
+@pytest.mark.parametrize("steps, warmup, ended_in_warmup", [(4, 10, True), (6, 3, False)])
+def test_a_run_that_ends_in_its_warmup_says_the_lr_never_peaked(tmp_path, capsys, steps, warmup, ended_in_warmup):
+    loop = LoopConfig(lr=1e-3, warmup_steps=warmup, max_steps=steps, log_every=1, progress=False)
+    Trainer(tiny_model(), get_batch, loop, tmp_path, torch.device("cpu"), torch.float32).fit()
+    peak = lr_at(steps - 1, (steps - 1) / steps, 1e-3, warmup, "cosine", loop.min_lr_ratio)
+    note = f"ended in its warmup (step {steps} of {warmup}), so the learning rate peaked at {peak:.2e}, not 0.001"
+    assert (note in capsys.readouterr().out) is ended_in_warmup
+
+
 def test_no_weight_decay_on_norms_biases_embeddings():
     model = tiny_model()
     opt = make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), torch.device("cpu"))

@@ -46,7 +46,8 @@ def parse_args(argv: list[str] | None) -> FinetuneConfig:
                    "this run directory, with random weights (the no-pretraining baseline of a pretrained run)")
     a.add_argument("--tokenizer", default=None, help="scratch: a saved tokenizer directory instead of training one")
     a.add_argument("--vocab-size", type=int, default=4096, help="scratch: vocabulary of the trained tokenizer")
-    a.add_argument("--tokenizer-type", choices=choices(FinetuneConfig, "tokenizer_type"), default="bpe")
+    a.add_argument("--tokenizer-type", choices=choices(FinetuneConfig, "tokenizer_type"), default="bpe",
+                   help="scratch: SentencePiece model of the trained tokenizer")
     a.add_argument("--pooling", choices=choices(FinetuneConfig, "pooling"), default=None,
                    help="sentence vector for the head: the first token, the mean or the per-feature maximum over "
                    "real tokens, or the last real token (default: the model's own, cls for BERT, last for GPT)")
@@ -74,15 +75,18 @@ def parse_args(argv: list[str] | None) -> FinetuneConfig:
     a.add_argument("--max-length", type=int, default=None, help="tokens per example, longer ones are truncated "
                    "(default: min(128, the model's context))")
     a = p.add_argument_group("optimisation")
-    a.add_argument("--batch-size", type=int, default=32)
-    a.add_argument("--grad-accum", type=int, default=1)
+    a.add_argument("--batch-size", type=int, default=32, help="texts per micro-batch")
+    a.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     a.add_argument("--lr", type=float, default=None, help="peak learning rate; default by init: "
                    + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()))
     a.add_argument("--warmup-steps", type=int, default=None, help="default: 6%% of the steps")
-    a.add_argument("--schedule", choices=choices(LoopConfig, "schedule"), default=FINETUNE_LOOP["schedule"])
-    a.add_argument("--min-lr-ratio", type=float, default=FINETUNE_LOOP["min_lr_ratio"])
-    a.add_argument("--weight-decay", type=float, default=FINETUNE_LOOP["weight_decay"])
-    a.add_argument("--grad-clip", type=float, default=1.0)
+    a.add_argument("--schedule", choices=choices(LoopConfig, "schedule"), default=FINETUNE_LOOP["schedule"],
+                   help="decay of the learning rate over the budget")
+    a.add_argument("--min-lr-ratio", type=float, default=FINETUNE_LOOP["min_lr_ratio"],
+                   help="the schedule's floor, as a share of --lr")
+    a.add_argument("--weight-decay", type=float, default=FINETUNE_LOOP["weight_decay"],
+                   help="AdamW's, on weight matrices (not norms, biases, embeddings)")
+    a.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (0: no clipping)")
     a.add_argument("--layer-lr-decay", type=float, default=1.0, metavar="GAMMA", help="layer-wise learning "
                    "rates: the head at --lr, block i = 0..L-1 (bottom to top) at lr·GAMMA^(L-i), embeddings at "
                    "lr·GAMMA^(L+1); below 1 the pretrained lower layers move less (ULMFiT, ELECTRA); 1 disables")
@@ -92,7 +96,7 @@ def parse_args(argv: list[str] | None) -> FinetuneConfig:
                    help="auto: weight the loss by inverse class frequency")
     a = p.add_argument_group("budget and evaluation (the first budget reached stops the run)")
     a.add_argument("--epochs", type=float, default=3.0, help="passes over the training data (unless --max-steps)")
-    a.add_argument("--max-steps", type=int, default=None)
+    a.add_argument("--max-steps", type=int, default=None, help="optimizer steps (instead of --epochs)")
     a.add_argument("--time-budget", type=float, default=None, help="seconds of training (evaluation excluded)")
     a.add_argument("--metric", choices=choices(FinetuneConfig, "metric"), default="accuracy",
                    help="validation score that picks best.safetensors and drives early stopping")
@@ -103,8 +107,8 @@ def parse_args(argv: list[str] | None) -> FinetuneConfig:
     a = p.add_argument_group("run")
     a.add_argument("--out", default=None, help="run directory (default runs/finetune-TIMESTAMP); must not exist "
                    "or be empty")
-    a.add_argument("--log-every", type=int, default=10)
-    a.add_argument("--eval-batch-size", type=int, default=128)
+    a.add_argument("--log-every", type=int, default=10, help="steps between log lines")
+    a.add_argument("--eval-batch-size", type=int, default=128, help="texts per evaluation batch")
     add_machine_flags(a)
     args = p.parse_args(argv)
 

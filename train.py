@@ -35,8 +35,9 @@ def parse_args(argv: list[str] | None) -> PretrainConfig:
     a.add_argument("--cache-dir", default=None, help="downloads and prepared token files (default $MINILM_CACHE or ~/.cache/minilm)")
     a = p.add_argument_group("tokenizer")
     a.add_argument("--tokenizer", default=None, help="reuse a saved tokenizer directory instead of training one")
-    a.add_argument("--vocab-size", type=int, default=4096)
-    a.add_argument("--tokenizer-type", choices=choices(PretrainConfig, "tokenizer_type"), default="bpe")
+    a.add_argument("--vocab-size", type=int, default=4096, help="pieces of the tokenizer trained on the corpus")
+    a.add_argument("--tokenizer-type", choices=choices(PretrainConfig, "tokenizer_type"), default="bpe",
+                   help="SentencePiece model of the trained tokenizer")
     a = p.add_argument_group("model")
     a.add_argument("--objective", choices=choices(PretrainConfig, "objective"), default="clm",
                    help="causal LM (GPT), masked LM (BERT) or replaced-token detection (ELECTRA: a small MLM "
@@ -49,25 +50,29 @@ def parse_args(argv: list[str] | None) -> PretrainConfig:
                    help="share the token-embedding matrix with the MLM/LM decoder, so that every prediction "
                         "also trains the input embeddings (default: as the preset; BERT and GPT-2 tie, Llama "
                         "does not)")
-    a.add_argument("--dropout", type=float, default=0.0)
-    a.add_argument("--attention", choices=choices(PretrainConfig, "attention"), default="sdpa")
+    a.add_argument("--dropout", type=float, default=0.0, help="dropout in the model while pretraining")
+    a.add_argument("--attention", choices=choices(PretrainConfig, "attention"), default="sdpa",
+                   help="fused scaled_dot_product_attention, or the hand-written softmax(QKᵀ/√d)V")
     a.add_argument("--mask-prob", type=float, default=0.15, help="MLM and RTD: share of tokens to mask")
     a.add_argument("--whole-word-mask", action="store_true", help="MLM and RTD: mask all the pieces of a "
                    "chosen word together (BERT's whole-word masking) instead of pieces independently")
     a.add_argument("--generator-layers", type=int, default=1, help="RTD: blocks of the generator (same width, "
                    "shared embeddings)")
     a = p.add_argument_group("optimisation")
-    a.add_argument("--batch-size", type=int, default=32)
-    a.add_argument("--grad-accum", type=int, default=1)
-    a.add_argument("--lr", type=float, default=2e-3)
-    a.add_argument("--min-lr-ratio", type=float, default=0.1)
-    a.add_argument("--warmup-steps", type=int, default=100)
-    a.add_argument("--schedule", choices=choices(LoopConfig, "schedule"), default="cosine")
-    a.add_argument("--weight-decay", type=float, default=0.1)
-    a.add_argument("--grad-clip", type=float, default=1.0)
+    a.add_argument("--batch-size", type=int, default=32, help="sequences per micro-batch")
+    a.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    a.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    a.add_argument("--min-lr-ratio", type=float, default=0.1, help="the schedule's floor, as a share of --lr")
+    a.add_argument("--warmup-steps", type=int, default=100, help="steps of linear warmup")
+    a.add_argument("--schedule", choices=choices(LoopConfig, "schedule"), default="cosine",
+                   help="decay of the learning rate over the budget")
+    a.add_argument("--weight-decay", type=float, default=0.1,
+                   help="AdamW's, on weight matrices (not norms, biases, embeddings)")
+    a.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (0: no clipping)")
     a = p.add_argument_group("budget (the first reached stops the run)")
-    a.add_argument("--max-steps", type=int, default=None)
-    a.add_argument("--max-tokens", type=int, default=None)
+    a.add_argument("--max-steps", type=int, default=None, help="optimizer steps")
+    a.add_argument("--max-tokens", type=int, default=None,
+                   help="training tokens (a budget that a busy machine cannot change)")
     a.add_argument("--time-budget", type=float, default=None,
                    help="seconds of training; default 150 when no budget is given")
     a = p.add_argument_group("run")
@@ -75,7 +80,7 @@ def parse_args(argv: list[str] | None) -> PretrainConfig:
     a.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     a.add_argument("--eval-every", type=int, default=200, help="steps between validations (0: only at the end)")
     a.add_argument("--eval-tokens", type=int, default=65536, help="tokens scored by periodic validations")
-    a.add_argument("--log-every", type=int, default=10)
+    a.add_argument("--log-every", type=int, default=10, help="steps between log lines")
     a.add_argument("--save-every", type=int, default=500, help="steps between resume states")
     add_machine_flags(a)
     args = p.parse_args(argv)

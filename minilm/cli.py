@@ -49,7 +49,11 @@ def given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help with every default shown, and the description (usage examples) kept as written."""
+    """--help with every default shown, and the description (usage examples) kept as written.
+    A default of None means "not given": the flag's help says what happens then."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def choices(settings: type, name: str) -> tuple[str, ...]:

@@ -1,4 +1,4 @@
-"""The command lines' choice flags and the config dataclasses behind them list the same values.
+"""The command lines: choice flags list what their config dataclasses allow; --help explains every flag.
 
 Each choice is written once, as a Literal type on a config field; argparse reads its
 choices from there (minilm.cli.choices) and the config checks a value built in Python
@@ -43,3 +43,20 @@ def test_configs_built_in_python_reject_an_unlisted_choice_before_any_work(tmp_p
     with pytest.raises(MinilmError, match=r"^--schedule 'cosin'; choose one of cosine, linear, constant$"):
         LoopConfig(max_steps=1, schedule="cosin")
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("script", [train, finetune], ids=["train.py", "finetune.py"])
+def test_help_explains_every_flag_and_shows_real_defaults(script, capsys):
+    """Every option has a help line; a default is shown where there is one, and a None default
+    ("not given", which the help line explains) is not printed as "(default: None)"."""
+    with pytest.raises(SystemExit):
+        script.parse_args(["--help"])
+    printed = capsys.readouterr().out
+    assert "(default: None)" not in printed and "(default: 0.1)" in printed
+    flags = [line.split()[0] for line in printed.splitlines() if line.startswith("  --")]
+    assert "--lr" in flags and "--batch-size" in flags
+    lines = printed.splitlines()
+    for i, line in enumerate(lines):
+        # an option's help follows on the same line, or (a long option) indented on the next one
+        if line.startswith("  --") and len(line.split()) <= 2:
+            assert i + 1 < len(lines) and lines[i + 1].startswith(" " * 20), line

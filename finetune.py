@@ -29,7 +29,8 @@ from minilm.classify_data import split_lines
 from minilm.cli import HelpFormatter, add_machine_flags, add_shape_flags, choices, config_from_args, main_guard
 from minilm.config import PRESETS
 from minilm.errors import MinilmError
-from minilm.finetune import DEFAULT_LR, FINETUNE_LOOP, FinetuneConfig, Weights, export, load_run, predict, run
+from minilm.finetune import (DEFAULT_LR, FINETUNE_LOOP, SCRATCH_DEFAULTS, FinetuneConfig, Weights, export, load_run,
+                             predict, run)
 from minilm.training import LoopConfig
 
 
@@ -40,14 +41,17 @@ def parse_args(argv: list[str] | None) -> FinetuneConfig:
                    "Hugging Face model directory) or scratch (random --preset)")
     a.add_argument("--init-weights", choices=choices(FinetuneConfig, "init_weights"), default="final",
                    help="RUN_DIR inits: model.safetensors (final) or best.safetensors")
-    a.add_argument("--preset", choices=sorted(PRESETS), default="bert-mini", help="scratch: the architecture")
+    a.add_argument("--preset", choices=sorted(PRESETS), default=None, help="scratch: the architecture ("
+                   f"{SCRATCH_DEFAULTS['preset']} unless given)")
     add_shape_flags(a, "scratch: override the preset")
     a.add_argument("--like", default=None, metavar="RUN_DIR", help="scratch: the architecture and tokenizer of "
                    "this run directory, with random weights (the no-pretraining baseline of a pretrained run)")
     a.add_argument("--tokenizer", default=None, help="scratch: a saved tokenizer directory instead of training one")
-    a.add_argument("--vocab-size", type=int, default=4096, help="scratch: vocabulary of the trained tokenizer")
-    a.add_argument("--tokenizer-type", choices=choices(FinetuneConfig, "tokenizer_type"), default="bpe",
-                   help="scratch: SentencePiece model of the trained tokenizer")
+    a.add_argument("--vocab-size", type=int, default=None, help="scratch: vocabulary of the trained tokenizer "
+                   f"({SCRATCH_DEFAULTS['vocab_size']} unless given)")
+    a.add_argument("--tokenizer-type", choices=choices(FinetuneConfig, "tokenizer_type"), default=None,
+                   help="scratch: SentencePiece model of the trained tokenizer "
+                        f"({SCRATCH_DEFAULTS['tokenizer_type']} unless given)")
     a.add_argument("--pooling", choices=choices(FinetuneConfig, "pooling"), default=None,
                    help="sentence vector for the head: the first token, the mean or the per-feature maximum over "
                    "real tokens, or the last real token (default: the model's own, cls for BERT, last for GPT)")

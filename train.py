@@ -18,7 +18,8 @@ import time
 
 from minilm.cli import (HelpFormatter, add_machine_flags, add_shape_flags, choices, config_from_args, given_flags,
                         main_guard)
-from minilm.config import PRESETS
+from minilm.config import PRESETS, flag
+from minilm.errors import MinilmError
 from minilm.pretrain import PretrainConfig, resumed_config, run, with_absolute_paths
 from minilm.training import LoopConfig
 
@@ -87,6 +88,10 @@ def parse_args(argv: list[str] | None) -> PretrainConfig:
     # the settings this command line gives (as config field names): all that --resume may change
     given = {"progress" if dest == "no_progress" else dest for dest in given_flags(p, argv)}
 
+    trained = sorted(given & {"vocab_size", "tokenizer_type", "tokenizer_sentences"})
+    if args.tokenizer is not None and trained:     # they would be ignored, but recorded as if used
+        raise MinilmError(f"{', '.join(flag(name) for name in trained)}: --tokenizer {args.tokenizer} is a "
+                          "trained tokenizer; leave them out")
     if args.resume and not args.out:
         p.error("--resume needs --out RUN_DIR")
     if args.max_steps is None and args.max_tokens is None and args.time_budget is None:

@@ -86,8 +86,8 @@ class FinetuneConfig:
     header: Header = "auto"
     encoding: str = "utf-8"
     max_length: int | None = None         # None -> min(128, the model's max_seq_len)
-    # scratch only: architecture and tokenizer
-    preset: str = "bert-mini"
+    # scratch only: architecture and tokenizer (None: not given; SCRATCH_DEFAULTS then)
+    preset: str | None = None
     d_model: int | None = None
     n_layers: int | None = None
     n_heads: int | None = None
@@ -95,8 +95,8 @@ class FinetuneConfig:
     norm_position: NormPosition | None = None
     like: str | None = None               # a run directory whose architecture and tokenizer to copy
     tokenizer: str | None = None
-    vocab_size: int = 4096
-    tokenizer_type: TokenizerType = "bpe"
+    vocab_size: int | None = None
+    tokenizer_type: TokenizerType | None = None
     # the classifier
     pooling: Pooling | None = None        # None -> the model's own (cls for BERT, last for GPT)
     dropout: float | None = 0.1
@@ -113,6 +113,15 @@ class FinetuneConfig:
     dtype: Precision = "auto"
     seed: int = 0
     loop: dict = field(default_factory=dict)
+
+
+# --init scratch's architecture and trained tokenizer when their flags are not given
+SCRATCH_DEFAULTS = {"preset": "bert-mini", "vocab_size": 4096, "tokenizer_type": "bpe"}
+
+
+def scratch_setting(cfg: FinetuneConfig, name: str):
+    value = getattr(cfg, name)
+    return SCRATCH_DEFAULTS[name] if value is None else value
 
 
 # --------------------------------------------------------------------------------------
@@ -230,11 +239,11 @@ def scratch_encoder(cfg: FinetuneConfig, train: LabelledData) -> TextEncoder:
         return load_text_encoder(source)
     t0 = time.perf_counter()
     try:
-        tok = Tokenizer.train(train.texts + (train.pairs or []), vocab_size=cfg.vocab_size,
-                              model_type=cfg.tokenizer_type, seed=cfg.seed)
+        tok = Tokenizer.train(train.texts + (train.pairs or []), vocab_size=scratch_setting(cfg, "vocab_size"),
+                              model_type=scratch_setting(cfg, "tokenizer_type"), seed=cfg.seed)
     except ValueError as err:
         raise MinilmError(f"tokenizer: {err} (set --vocab-size, or pass --tokenizer DIR)") from err
-    say(f"tokenizer: trained {cfg.tokenizer_type} vocab {len(tok)} on the training texts in "
+    say(f"tokenizer: trained {scratch_setting(cfg, 'tokenizer_type')} vocab {len(tok)} on the training texts in "
         f"{time.perf_counter() - t0:.1f}s")
     return MinilmTextEncoder(tok)
 
@@ -272,11 +281,12 @@ def build_model(cfg: FinetuneConfig, n_labels: int, train: LabelledData) -> tupl
     try:
         if cfg.init == "scratch":
             encoder = scratch_encoder(cfg, train)
-            base = load_model_config(cfg.like)[0] if cfg.like else preset(cfg.preset, max_seq_len=cfg.max_length or 128)
+            name = scratch_setting(cfg, "preset")
+            base = load_model_config(cfg.like)[0] if cfg.like else preset(name, max_seq_len=cfg.max_length or 128)
             config = base.replace(vocab_size=len(encoder), pad_token_id=encoder.pad_id, **shape_overrides(cfg),
                                   **changes)
             torch.manual_seed(cfg.seed)
-            return SequenceClassifier(config), encoder, f"scratch ({cfg.like or cfg.preset}, random weights)"
+            return SequenceClassifier(config), encoder, f"scratch ({cfg.like or name}, random weights)"
         source, encoder, note = load_body(cfg)
         config: ModelConfig = source.config.replace(**changes)
     except ValueError as err:          # ModelConfig's checks: a bad preset / override / pooling
@@ -355,12 +365,20 @@ def check_options(cfg: FinetuneConfig) -> None:
     check_choices(cfg, MinilmError, as_flags=True)
     check_ranges(cfg, MinilmError, as_flags=True, positive=("epochs", "batch_size", "eval_batch_size", "max_length"),
                  fractions=("token_mask", "label_smoothing", "dropout"))
+    def given(*names: str) -> list[str]:
+        return [flag(name) for name in names if getattr(cfg, name) is not None]
+
     if cfg.init != "scratch":
-        scratch_only = [flag(name) for name in (*SHAPE_FIELDS, "like", "tokenizer")
-                        if getattr(cfg, name) is not None]
+        scratch_only = given(*SHAPE_FIELDS, "like", "tokenizer", *SCRATCH_DEFAULTS)
         if scratch_only:
             raise MinilmError(f"{', '.join(scratch_only)}: for --init scratch only; --init {cfg.init} brings its "
                               "own architecture and tokenizer")
+    elif cfg.like is not None and given(*SCRATCH_DEFAULTS):
+        raise MinilmError(f"{', '.join(given(*SCRATCH_DEFAULTS))}: --like {cfg.like} brings its architecture and "
+                          "tokenizer; leave them out (shape flags and --tokenizer may override them)")
+    elif cfg.tokenizer is not None and given("vocab_size", "tokenizer_type"):
+        raise MinilmError(f"{', '.join(given('vocab_size', 'tokenizer_type'))}: --tokenizer {cfg.tokenizer} is a "
+                          "trained tokenizer; leave them out")
     if cfg.like is not None and not Path(cfg.like).is_dir():
         raise MinilmError(f"--like {cfg.like}: no such run directory")
 

@@ -654,13 +654,21 @@ def test_hf_init_of_a_minilm_export_uses_its_minilm_tokenizer(task, pretrained_r
     (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
     (["--max-length", "2"], "--max-length 2 leaves no room for text"),
     (["--like", "NOT_A_RUN"], "--like NOT_A_RUN: no such run directory"),
+    # flags that would be ignored, but recorded as if used
+    (["--init", "NOT_A_RUN", "--preset", "bert-tiny"], "--preset: for --init scratch only"),
+    (["--like", "NOT_A_RUN", "--preset", "bert-tiny", "--vocab-size", "300"],
+     "--preset, --vocab-size: --like NOT_A_RUN brings its architecture and tokenizer"),
+    (["--tokenizer", "NOT_A_RUN", "--tokenizer-type", "unigram"],
+     "--tokenizer-type: --tokenizer NOT_A_RUN is a trained tokenizer"),
 ])
 def test_cli_errors_are_one_line_exit_2(task, tmp_path, capsys, args, expected):
     args = [a.replace("MISSING", str(tmp_path / "missing")).replace("NOT_A_RUN", str(tmp_path / "none"))
             for a in args]
     expected = expected.replace("NOT_A_RUN", str(tmp_path / "none"))
     if args[0] != "predict":
-        args += ["--out", str(tmp_path / "out"), "--max-steps", "1", "--vocab-size", "400", *QUICK]
+        args += ["--out", str(tmp_path / "out"), "--max-steps", "1", *QUICK]
+        if not {"--init", "--like", "--tokenizer"} & set(args):     # scratch training its own tokenizer
+            args += ["--vocab-size", "400"]
         if "--data" not in args:
             args += ["--data", str(task[0])]
     code = main_guard(lambda: finetune.main(args))

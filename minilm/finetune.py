@@ -379,8 +379,10 @@ def check_options(cfg: FinetuneConfig) -> None:
     elif cfg.tokenizer is not None and given("vocab_size", "tokenizer_type"):
         raise MinilmError(f"{', '.join(given('vocab_size', 'tokenizer_type'))}: --tokenizer {cfg.tokenizer} is a "
                           "trained tokenizer; leave them out")
-    if cfg.like is not None and not Path(cfg.like).is_dir():
-        raise MinilmError(f"--like {cfg.like}: no such run directory")
+    if cfg.like is not None:
+        if not Path(cfg.like).is_dir():
+            raise MinilmError(f"--like {cfg.like}: no such run directory")
+        run_file(cfg.like, "config.json")     # a directory, but no run: say so, not which file is missing
 
 
 def resolve_max_length(cfg: FinetuneConfig, config: ModelConfig, pairs: bool) -> int:
@@ -529,6 +531,10 @@ def load_run(run_dir: str | Path, weights: Weights = "best") -> FinetunedRun:
     run_dir = Path(run_dir)
     if weights not in WEIGHT_FILES:
         raise MinilmError(f"--weights {weights!r}: choose one of {', '.join(WEIGHT_FILES)}")
+    others = [name for name, file in WEIGHT_FILES.items() if name != weights and (run_dir / file).is_file()]
+    if not (run_dir / WEIGHT_FILES[weights]).is_file() and others:
+        raise MinilmError(f"{run_dir / WEIGHT_FILES[weights]} not found (a run stopped before it was written?); "
+                          f"--weights {others[0]} uses {WEIGHT_FILES[others[0]]}")
     model = load_model_dir(run_dir, WEIGHT_FILES[weights], head="classify")
     labels = LabelSet.load(run_dir)
     train_config = read_json(run_file(run_dir, "train_config.json"))

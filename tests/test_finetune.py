@@ -371,6 +371,8 @@ def test_scratch_learns_the_task_then_predicts(task, tmp_path, capsys):
     ("labels.json", "empty object", "labels.json is damaged: it has no list of labels"),
     ("train_config.json", "truncate", "train_config.json is damaged: not valid JSON"),
     ("train_config.json", "delete", "train_config.json not found"),
+    ("best.safetensors", "delete", "best.safetensors not found (a run stopped before it was written?); "
+                                   "--weights final uses model.safetensors"),
 ])
 def test_a_damaged_run_directory_is_a_one_line_error_naming_the_file(task, tmp_path, capsys, name, damage, message):
     out = tmp_path / "run"
@@ -654,6 +656,7 @@ def test_hf_init_of_a_minilm_export_uses_its_minilm_tokenizer(task, pretrained_r
     (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
     (["--max-length", "2"], "--max-length 2 leaves no room for text"),
     (["--like", "NOT_A_RUN"], "--like NOT_A_RUN: no such run directory"),
+    (["--like", "NOT_A_RUN_BUT_A_DIR"], "NOT_A_RUN_BUT_A_DIR/config.json not found: is NOT_A_RUN_BUT_A_DIR a minilm run"),
     # flags that would be ignored, but recorded as if used
     (["--init", "NOT_A_RUN", "--preset", "bert-tiny"], "--preset: for --init scratch only"),
     (["--like", "NOT_A_RUN", "--preset", "bert-tiny", "--vocab-size", "300"],
@@ -662,9 +665,11 @@ def test_hf_init_of_a_minilm_export_uses_its_minilm_tokenizer(task, pretrained_r
      "--tokenizer-type: --tokenizer NOT_A_RUN is a trained tokenizer"),
 ])
 def test_cli_errors_are_one_line_exit_2(task, tmp_path, capsys, args, expected):
-    args = [a.replace("MISSING", str(tmp_path / "missing")).replace("NOT_A_RUN", str(tmp_path / "none"))
-            for a in args]
-    expected = expected.replace("NOT_A_RUN", str(tmp_path / "none"))
+    (tmp_path / "a_dir").mkdir()
+    paths = {"MISSING": tmp_path / "missing", "NOT_A_RUN_BUT_A_DIR": tmp_path / "a_dir", "NOT_A_RUN": tmp_path / "none"}
+    for placeholder, path in paths.items():     # (in this order: one placeholder begins another)
+        args = [a.replace(placeholder, str(path)) for a in args]
+        expected = expected.replace(placeholder, str(path))
     if args[0] != "predict":
         args += ["--out", str(tmp_path / "out"), "--max-steps", "1", *QUICK]
         if not {"--init", "--like", "--tokenizer"} & set(args):     # scratch training its own tokenizer

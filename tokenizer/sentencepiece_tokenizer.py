@@ -263,7 +263,8 @@ class Tokenizer:
         if not isinstance(vocab_size, int) or vocab_size < min_vocab:
             raise ValueError(
                 f"vocab_size={vocab_size!r} is too small: it must hold {len(SPECIAL_TOKENS)} special tokens, "
-                f"256 byte pieces and the corpus characters; use vocab_size >= {min_vocab} (typically 8000-64000)"
+                f"256 byte pieces and the corpus characters: at least {min_vocab}, plus one per distinct character "
+                f"of the corpus (typically 8000-64000)"
             )
         if max_sentences < 1:
             raise ValueError(f"max_sentences must be >= 1, got {max_sentences}")

@@ -139,7 +139,8 @@ def train_main(argv: list[str]) -> int:
     print()
     print(f"outputs: {cfg.out}/  (best.safetensors, model.safetensors, labels.json, tokenizer/, metrics.jsonl, "
           "summary.json, confusion.png)")
-    print(f'try:     python finetune.py predict {cfg.out} --text "..."')
+    pair = ' --pair "..."' if summary["text_pairs"] else ""
+    print(f'try:     python finetune.py predict {cfg.out} --text "..."{pair}')
     return 0
 
 

@@ -495,6 +495,7 @@ def run(cfg: FinetuneConfig) -> dict:
     final = {k: result.pop(k) for k in ("val_loss", "val_accuracy", "val_macro_f1") if k in result}
     summary = {
         "init": note, "labels": labels.names, "train_rows": len(train), "val_rows": len(val),
+        "text_pairs": train.pairs is not None,
         "max_length": max_length, "metric": loop.best_metric, **result,
         "epochs": round(result["steps"] * loop.grad_accum / batches.batches_per_epoch, 2),
         "val_accuracy": report.accuracy, "val_macro_f1": report.macro_f1,

@@ -364,6 +364,38 @@ def test_scratch_learns_the_task_then_predicts(task, tmp_path, capsys):
     assert code == 2 and err.startswith("error:") and err.count("\n") == 1 and "not empty" in err
 
 
+def test_text_pairs_end_to_end(tmp_path, capsys):
+    """A JSONL of (premise, hypothesis, label) rows: the pair is encoded as [CLS] a [SEP] b [SEP],
+    predict needs a --pair per --text (or TEXT<TAB>PAIR lines) and the hint says so."""
+    rng = random.Random(0)
+    rows = []
+    for _ in range(120):
+        a, b = rng.choice(POSITIVE + NEGATIVE), rng.choice(POSITIVE + NEGATIVE)
+        same = (a in POSITIVE) == (b in POSITIVE)
+        rows.append(json.dumps({"premise": f"the film was {a}", "hypothesis": f"it was {b}",
+                                "label": "agree" if same else "disagree"}))
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    assert finetune.main(["--init", "scratch", "--preset", "bert-tiny", *TINY, "--vocab-size", "300",
+                          "--data", str(data), "--text-col", "premise", "--text-pair-col", "hypothesis",
+                          "--out", str(out), "--max-steps", "3", *QUICK]) == 0
+    assert f'predict {out} --text "..." --pair "..."' in capsys.readouterr().out
+    assert json.loads((out / "summary.json").read_text())["text_pairs"] is True
+    run = load_run(out)
+    encoded = run.encoder.encode(["the film was good"], ["it was bad"], 32).input_ids[0]
+    assert encoded.count(run.encoder.tokenizer.sep_id) == 2 and encoded[0] == run.encoder.tokenizer.cls_id
+
+    texts = tmp_path / "texts.tsv"
+    texts.write_text("the film was great\tit was wonderful\n")
+    assert finetune.main(["predict", str(out), "--text", "the film was bad", "--pair", "it was awful",
+                          "--file", str(texts), "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 2 and all(sum(r["probabilities"].values()) == pytest.approx(1.0, abs=1e-3) for r in rows)
+    assert main_guard(lambda: finetune.main(["predict", str(out), "--text", "the film was bad"])) == 2
+    assert "trained on text pairs: pass --pair for every --text" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name, damage, message", [
     ("config.json", "truncate", "config.json is damaged: not valid JSON"),
     ("best.safetensors", "truncate", "best.safetensors is damaged: not a complete safetensors file"),

@@ -558,8 +558,9 @@ class HFTextEncoder:
         ids = out["input_ids"]
         empty = next((i for i, x in enumerate(ids) if not x), None)
         if empty is not None:   # a row of padding only would pool nothing (and divide by zero)
-            raise MinilmError(f"text {empty + 1} ({texts[empty][:40]!r}) encodes to no tokens with the tokenizer "
-                              f"{self.tokenizer.name_or_path or ''}; is it the model's own tokenizer?")
+            name = getattr(self.tokenizer, "name_or_path", "") or "this tokenizer"
+            raise MinilmError(f"text {empty + 1} ({texts[empty][:40]!r}) encodes to no tokens with {name}; is it "
+                              "the model's own tokenizer?")
         types = out.get("token_type_ids") or [[0] * len(x) for x in ids]
         return EncodedTexts(ids, types)
 

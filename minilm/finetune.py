@@ -365,6 +365,7 @@ def check_options(cfg: FinetuneConfig) -> None:
     check_choices(cfg, MinilmError, as_flags=True)
     check_ranges(cfg, MinilmError, as_flags=True, positive=("epochs", "batch_size", "eval_batch_size", "max_length"),
                  fractions=("token_mask", "label_smoothing", "dropout"))
+
     def given(*names: str) -> list[str]:
         return [flag(name) for name in names if getattr(cfg, name) is not None]
 

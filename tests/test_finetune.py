@@ -390,8 +390,9 @@ def test_text_pairs_end_to_end(tmp_path, capsys):
     texts.write_text("the film was great\tit was wonderful\n")
     assert finetune.main(["predict", str(out), "--text", "the film was bad", "--pair", "it was awful",
                           "--file", str(texts), "--json"]) == 0
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert len(rows) == 2 and all(sum(r["probabilities"].values()) == pytest.approx(1.0, abs=1e-3) for r in rows)
+    predicted = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [p["text"] for p in predicted] == ["the film was bad", "the film was great"]
+    assert all(sum(p["probabilities"].values()) == pytest.approx(1.0, abs=1e-3) for p in predicted)
     assert main_guard(lambda: finetune.main(["predict", str(out), "--text", "the film was bad"])) == 2
     assert "trained on text pairs: pass --pair for every --text" in capsys.readouterr().err
 
@@ -688,7 +689,8 @@ def test_hf_init_of_a_minilm_export_uses_its_minilm_tokenizer(task, pretrained_r
     (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
     (["--max-length", "2"], "--max-length 2 leaves no room for text"),
     (["--like", "NOT_A_RUN"], "--like NOT_A_RUN: no such run directory"),
-    (["--like", "NOT_A_RUN_BUT_A_DIR"], "NOT_A_RUN_BUT_A_DIR/config.json not found: is NOT_A_RUN_BUT_A_DIR a minilm run"),
+    (["--like", "NOT_A_RUN_BUT_A_DIR"],
+     "NOT_A_RUN_BUT_A_DIR/config.json not found: is NOT_A_RUN_BUT_A_DIR a minilm run"),
     # flags that would be ignored, but recorded as if used
     (["--init", "NOT_A_RUN", "--preset", "bert-tiny"], "--preset: for --init scratch only"),
     (["--like", "NOT_A_RUN", "--preset", "bert-tiny", "--vocab-size", "300"],

@@ -311,6 +311,8 @@ def run(cfg: PretrainConfig) -> dict:
                  positive=("seq_len", "batch_size", "eval_tokens", "tokenizer_sentences", "generator_layers"))
     if not 0 < cfg.mask_prob <= 1:
         raise MinilmError(f"--mask-prob must be in (0, 1], got {cfg.mask_prob}")
+    if cfg.cache_dir and Path(cfg.cache_dir).exists() and not Path(cfg.cache_dir).is_dir():
+        raise MinilmError(f"--cache-dir {cfg.cache_dir} is a file, not a directory")
     out = Path(cfg.out)
     with prepare_run_dir(out, cfg.resume):      # a new run's failed setup leaves no directory behind
         device, dtype = setup_device(cfg.device, cfg.dtype)

@@ -280,6 +280,7 @@ def test_existing_run_is_not_overwritten(corpus, tmp_path, capsys):
     (["--batch-size", "0"], "--batch-size must be > 0, got 0"),
     (["--out", "{file}"], "is a file, not a directory"),
     (["--out", "{file}/run"], "Not a directory"),
+    (["--cache-dir", "{file}"], "--cache-dir {file} is a file, not a directory"),
     # tiny_args gives --vocab-size: ignored beside a trained tokenizer, but it would be recorded as if used
     (["--tokenizer", "{file}"], "--vocab-size: --tokenizer "),
 ])
@@ -287,6 +288,7 @@ def test_bad_settings_are_one_line_errors_and_leave_no_run_directory(corpus, tmp
     out = tmp_path / "run"
     (tmp_path / "file").write_text("")
     args = [a.format(file=tmp_path / "file") for a in args]
+    message = message.format(file=tmp_path / "file")
     code = main_guard(lambda: train.main(tiny_args(corpus, out, "clm", "--max-steps", "1", *args)))
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and message in err, err

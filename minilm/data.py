@@ -772,8 +772,9 @@ def prepare_tokens(
             raise MinilmError("the training split is empty: the corpus has no text; pass a corpus with some text")
         if val_fraction > 0 and stats["val"].tokens == 0:
             raise MinilmError(
-                f"no document went to validation (val_fraction={val_fraction}, split={split!r}); "
-                "use split 'tail', a larger val_fraction, or a corpus with more documents"
+                f"no document went to validation (val_fraction={val_fraction}, split={split!r}, "
+                f"documents in training: {stats['train'].documents:,}; in a text file a document is a block of lines "
+                "ended by a blank line); use split 'tail', a larger val_fraction, or a corpus with more documents"
             )
         meta = {
             "format_version": FORMAT_VERSION,

@@ -428,7 +428,8 @@ def test_interrupted_prepare_leaves_no_valid_looking_set(corpus_file: Path, tmp_
 def test_prepare_errors_on_empty_validation(tmp_path: Path, tokenizer: Tokenizer) -> None:
     path = tmp_path / "one.txt"
     path.write_text("a single document\n", encoding="utf-8")
-    with pytest.raises(MinilmError, match="no document went to validation"):
+    with pytest.raises(MinilmError, match="no document went to validation .* documents in training: 1; in a text file a "
+                                          "document is a block of lines ended by a blank line"):
         prepare_tokens(resolve_sources([str(path)]), tokenizer, tmp_path / "prep", val_fraction=0.01, split="doc")
     with pytest.raises(MinilmError, match="every document went to validation .* use split 'tail'"):
         prepare_tokens(resolve_sources([str(path)]), tokenizer, tmp_path / "prep", val_fraction=0.99, split="doc")

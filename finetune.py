@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import get_args
 
 from minilm.classify_data import split_lines
-from minilm.cli import HelpFormatter, add_machine_flags, add_shape_flags, choices, config_from_args, main_guard
+from minilm.cli import (ArgumentParser, HelpFormatter, add_machine_flags, add_shape_flags, choices, config_from_args,
+                        main_guard)
 from minilm.config import PRESETS
 from minilm.errors import MinilmError
 from minilm.finetune import (DEFAULT_LR, FINETUNE_LOOP, SCRATCH_DEFAULTS, FinetuneConfig, Weights, export, load_run,
@@ -35,7 +36,7 @@ from minilm.training import LoopConfig
 
 
 def parse_args(argv: list[str] | None) -> FinetuneConfig:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument_group("model")
     a.add_argument("--init", default="scratch", help="RUN_DIR (a train.py/finetune.py run), hf:PATH (a local "
                    "Hugging Face model directory) or scratch (random --preset)")
@@ -165,7 +166,7 @@ def read_texts(path: str, pairs: bool) -> tuple[list[str], list[str] | None]:
 
 
 def predict_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="finetune.py predict", description="Label texts with a finetuned run.",
+    p = ArgumentParser(prog="finetune.py predict", description="Label texts with a finetuned run.",
                                 formatter_class=HelpFormatter)
     p.add_argument("run_dir", help="a finetune.py run directory")
     p.add_argument("--text", action="append", default=[], help="a text to classify (repeatable)")
@@ -198,7 +199,7 @@ def predict_main(argv: list[str]) -> int:
 
 
 def export_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="finetune.py export", formatter_class=HelpFormatter,
+    p = ArgumentParser(prog="finetune.py export", formatter_class=HelpFormatter,
                                 description="Write a finetuned run as a transformers *ForSequenceClassification "
                                             "directory (AutoModelForSequenceClassification.from_pretrained).")
     p.add_argument("run_dir", help="a finetune.py run directory")

@@ -16,8 +16,8 @@ import argparse
 import sys
 import time
 
-from minilm.cli import (HelpFormatter, add_machine_flags, add_shape_flags, choices, config_from_args, given_flags,
-                        main_guard)
+from minilm.cli import (ArgumentParser, HelpFormatter, add_machine_flags, add_shape_flags, choices, config_from_args,
+                        given_flags, main_guard)
 from minilm.config import PRESETS, flag
 from minilm.errors import MinilmError
 from minilm.pretrain import PretrainConfig, resumed_config, run, with_absolute_paths
@@ -25,7 +25,7 @@ from minilm.training import LoopConfig
 
 
 def parse_args(argv: list[str] | None) -> PretrainConfig:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument_group("data")
     a.add_argument("--data", nargs="*", default=[], help="text files, directories, globs (.txt/.jsonl) or a "
                    "named corpus (tinyshakespeare); none: the embedded King James Bible")

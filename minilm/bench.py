@@ -92,7 +92,6 @@ Running it on a CUDA GPU (GPT-2 124M shape, seq 1024, bf16, compiled; MFU report
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import json
@@ -113,7 +112,7 @@ from torch import Tensor, nn
 
 from minilm.attention import manual_attention, sdpa_attention
 from minilm.checkpoint import new_run_setup
-from minilm.cli import main_guard
+from minilm.cli import ArgumentParser, HelpFormatter, main_guard
 from minilm.config import ModelConfig, preset
 from minilm.errors import MinilmError, import_transformers
 from minilm.model import CausalLM, MaskedLM, SequenceClassifier
@@ -205,8 +204,12 @@ class BenchOptions:
             raise MinilmError(f"unknown workloads {sorted(unknown)}; choose from {', '.join(WORKLOADS)} or all")
         if self.size not in SIZES:
             raise MinilmError(f"--size {self.size!r}: choose one of {', '.join(SIZES)}")
-        if self.seq_len < 4 or self.batch_size < 1 or self.steps < 1 or self.warmup < 0:
-            raise MinilmError("--seq-len must be >= 4, --batch-size and --steps >= 1, --warmup >= 0")
+        least = {"seq_len": 4, "batch_size": 1, "steps": 1, "warmup": 0, "sweep_batch": 1}
+        for name, minimum in least.items():
+            if getattr(self, name) < minimum:
+                raise MinilmError(f"--{name.replace('_', '-')} must be >= {minimum}, got {getattr(self, name)}")
+        if self.sweep_lengths is not None and min(self.sweep_lengths, default=0) < least["seq_len"]:
+            raise MinilmError(f"--sweep-lengths must be >= {least['seq_len']} each, got {self.sweep_lengths}")
 
 
 def model_config(opts: BenchOptions, family: str) -> ModelConfig:
@@ -711,7 +714,7 @@ def run(opts: BenchOptions, log: Callable[[str], None] = print) -> dict:
     table = markdown_table(report)
     (out / "bench.md").write_text(table)
     (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(report, out)
+    report["files"] = ["bench.json", "bench.md"] + [path.name for path in plot(report, out)]
     return report
 
 
@@ -719,25 +722,25 @@ def run(opts: BenchOptions, log: Callable[[str], None] = print) -> dict:
 # command line
 # --------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> BenchOptions:
-    p = argparse.ArgumentParser(prog="python -m minilm.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m minilm.bench", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
     p.add_argument("--dtype", default="fp32", help="fp32, bf16, fp16 (CUDA) or auto")
     p.add_argument("--compile", action="store_true", help="torch.compile both sides")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--size", default="mini", choices=list(SIZES))
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per step")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+    p.add_argument("--size", default="mini", choices=list(SIZES), help="model shape, the same on both sides")
     p.add_argument("--workloads", default="all", help=f"comma-separated from {','.join(WORKLOADS)}, or all")
     p.add_argument("--steps", type=int, default=10, help="timed steps per side")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per side before timing")
-    p.add_argument("--sweep-lengths", default=None, help="attention sweep sequence lengths, e.g. 128,256,512")
+    p.add_argument("--sweep-lengths", default=None, help="attention sweep sequence lengths, e.g. 128,256,512 "
+                   "(default: CPU 128,256,512,1024; CUDA 512 … 8192)")
     p.add_argument("--sweep-batch", type=int, default=1, help="batch size of the attention sweep")
     p.add_argument("--no-malloc-tuning", action="store_true",
                    help="keep glibc's default allocator behaviour on CPU (see the module docstring)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="a new directory for bench.md, bench.json, bench.png, attention.png "
-                   "[runs/bench-TIMESTAMP]")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="weights and inputs")
+    p.add_argument("--out", default=None, help="a new directory for bench.md, bench.json, bench.png (the model "
+                   "workloads) and attention.png (the attention sweep) [runs/bench-TIMESTAMP]")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     workloads = WORKLOADS if a.workloads == "all" else tuple(w.strip() for w in a.workloads.split(",") if w.strip())
     try:
@@ -760,8 +763,7 @@ def main(argv: list[str] | None = None) -> int:
     with new_run_setup(Path(opts.out)):     # checked before minutes of measuring; never over an earlier report
         report = run(opts, log_stderr)
     print(markdown_table(report))
-    print(f"wrote {Path(opts.out) / 'bench.json'}, bench.md, bench.png"
-          f"{', attention.png' if report['attention_sweep'] else ''}", file=sys.stderr)
+    print(f"wrote {Path(opts.out)}/: {', '.join(report['files'])}", file=sys.stderr)
     return 1 if any(r["refused"] for r in report["results"]) else 0
 
 

@@ -33,6 +33,14 @@ def main_guard(main: Callable[[], int], resumable: bool = False) -> int:
         return 130
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors raise MinilmError, so that main_guard prints them as one line
+    (and exit code 2, as argparse's own) like every other user error; --help still exits 0."""
+
+    def error(self, message: str):
+        raise MinilmError(f"{message} (see {self.prog} --help)")
+
+
 def given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
     """The dests of the flags a command line gives, whatever their values: a flag given with its
     default value is given too (comparing values with the defaults would miss it). Parsed a

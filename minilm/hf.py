@@ -42,7 +42,6 @@ Each family is one table of name mappings (`FAMILIES`); the code below only walk
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import shutil
@@ -639,11 +638,11 @@ def export_run(run_dir: str | Path, out_dir: str | Path, weights: Weights = "fin
 
 
 def main(argv: list[str] | None = None) -> int:
-    from minilm.cli import HelpFormatter       # the CLI's helpers: not needed by the library above
+    from minilm.cli import ArgumentParser, HelpFormatter     # the CLI's helpers: not needed by the library above
 
-    p = argparse.ArgumentParser(prog="python -m minilm.hf", formatter_class=HelpFormatter,
-                                description="Export a train.py run as a Hugging Face transformers model directory "
-                                            "(finetune.py export does the same for classifiers).")
+    p = ArgumentParser(prog="python -m minilm.hf", formatter_class=HelpFormatter,
+                       description="Export a train.py run as a Hugging Face transformers model directory "
+                                   "(finetune.py export does the same for classifiers).")
     commands = p.add_subparsers(dest="command", required=True)
     e = commands.add_parser("export", formatter_class=HelpFormatter, help="RUN_DIR -> OUT_DIR (config.json, "
                             "model.safetensors, minilm_tokenizer/)")

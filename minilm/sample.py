@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from minilm.checkpoint import load_model_dir
-from minilm.cli import main_guard
+from minilm.cli import ArgumentParser, main_guard
 from minilm.data import load_tokenizer
 from minilm.errors import MinilmError
 from minilm.generate import check_sampling_options, fill_in, fill_mask, generate
@@ -30,15 +30,8 @@ from minilm.training import resolve_device
 from tokenizer import Tokenizer
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors become MinilmError, so they print as one line like all others."""
-
-    def error(self, message: str):
-        raise MinilmError(f"{message} (see --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m minilm.sample", description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser(prog="python -m minilm.sample", description=__doc__.split("\n\n")[0],
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("run_dir", type=Path, help="run directory written by train.py (a causal or masked LM)")
     parser.add_argument("--prompt", default="", help="text to continue (causal LM) or text with [MASK]s (masked LM)")

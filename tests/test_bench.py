@@ -138,6 +138,15 @@ def test_bad_options_are_user_errors():
         bench.parse_args(["--workloads", " , "])
     with pytest.raises(bench.MinilmError, match="sweep-lengths"):
         bench.parse_args(["--sweep-lengths", "128,abc"])
+    # each bad number names its flag (these used to end in a traceback from inside the sweep)
+    for flags, message in ((["--sweep-lengths", "128,0"], "--sweep-lengths must be >= 4 each, got (128, 0)"),
+                           (["--sweep-batch", "0"], "--sweep-batch must be >= 1, got 0"),
+                           (["--steps", "0"], "--steps must be >= 1, got 0"),
+                           (["--warmup", "-1"], "--warmup must be >= 0, got -1"),
+                           (["--size", "huge"], "argument --size: invalid choice: 'huge'")):
+        with pytest.raises(bench.MinilmError) as err:
+            bench.parse_args(flags)
+        assert message in str(err.value) and "\n" not in str(err.value)
 
 
 def test_attention_sweep_reports_a_program_that_does_not_fit(monkeypatch):

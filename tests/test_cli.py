@@ -9,6 +9,7 @@ import pytest
 import finetune
 import train
 from minilm import pretrain
+from minilm.cli import main_guard
 from minilm.config import choice_fields
 from minilm.errors import MinilmError
 from minilm.finetune import FinetuneConfig
@@ -29,10 +30,10 @@ def test_each_choice_flag_takes_exactly_the_values_its_config_type_lists(script,
             parsed = script.parse_args([flag, value])
             loop = parsed.loop if isinstance(parsed.loop, dict) else vars(parsed.loop)
             assert (loop[name] if name == "schedule" else getattr(parsed, name)) == value, flag
-        with pytest.raises(SystemExit) as exit_:
-            script.parse_args([flag, "nonsense"])
-        assert exit_.value.code == 2
-        assert f"argument {flag}: invalid choice: 'nonsense'" in capsys.readouterr().err
+        # a usage error is one line and exit code 2, like every other user error
+        assert main_guard(lambda: script.parse_args([flag, "nonsense"])) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: argument {flag}: invalid choice: 'nonsense'") and err.count("\n") == 1
 
 
 def test_configs_built_in_python_reject_an_unlisted_choice_before_any_work(tmp_path):

@@ -307,9 +307,10 @@ def fill_mask(model: MaskedLM, tokenizer, text: str, top_k: int = 5) -> list[lis
     with evaluation_mode(model):
         h = model.transformer(input_ids, token_type_ids=token_type_ids)  # (1, T, d)
         logits = model.head(h[0, is_mask]).float()                       # (n_masks, V): masks only
-    logits[:, sorted(tokenizer.special_ids)] = float("-inf")
+    special = sorted(i for i in tokenizer.special_ids if i < logits.size(-1))
+    logits[:, special] = float("-inf")
     probs = logits.softmax(dim=-1)
-    top = probs.topk(min(top_k, probs.size(-1)), dim=-1)                 # sorted, largest first
+    top = probs.topk(min(top_k, probs.size(-1) - len(special)), dim=-1)  # sorted, largest first; no specials
 
     results = []
     for values, ids in zip(top.values.tolist(), top.indices.tolist()):
@@ -318,14 +319,16 @@ def fill_mask(model: MaskedLM, tokenizer, text: str, top_k: int = 5) -> list[lis
 
 
 def fill_in(text: str, fills: list[str]) -> str:
-    """text with its k-th "[MASK]" replaced by fills[k], by position. A fill that starts a
-    word brings its own leading space (see fill_mask), which replaces the space before the
-    mask: fill_in("[MASK] cat sat on the [MASK].", [" The", "mat"]) = "The cat sat on the mat."."""
+    """text with its k-th "[MASK]" replaced by fills[k], by position. As fill_mask reads the
+    text, the space before a mask is dropped: a fill that starts a word brings its own
+    leading space, one that does not (punctuation, the rest of a word) attaches directly.
+    fill_in("[MASK] cat sat on the [MASK]", [" The", "."]) = "The cat sat on the."."""
     parts = text.split("[MASK]")
     out = parts[0]
     for fill, after in zip(fills, parts[1:]):
-        if fill.startswith(" ") and (not out or out.endswith(" ")):
-            fill = fill[1:]
+        out = out.removesuffix(" ")
+        if not out:                 # at the start of the text a word needs no space before it
+            fill = fill.removeprefix(" ")
         out += fill + after
     return out
 

@@ -323,6 +323,9 @@ def _model_config(d: dict) -> ModelConfig:
             dropout=0.0, attn_dropout=float(d.get("attention_dropout") or 0.0),
             mlm_head_bias=False, pooling="last", pooler=False, classifier_bias=False, **common)
 
+    if kind is None and "head" in d:    # minilm's own config.json (a run directory) has a "head", no model_type
+        raise MinilmError("this is a minilm config (a train.py/finetune.py run?), not a Hugging Face one: "
+                          "load a run with minilm.checkpoint.load_model_dir")
     raise MinilmError(f"model_type {kind!r} is not supported; minilm converts {sorted(FAMILIES)}")
 
 

@@ -379,7 +379,9 @@ def test_config_mapping_and_refusals():
                        ({"model_type": "llama", "rope_scaling": {"type": "linear", "factor": 2.0}}, "linear"),
                        ({"model_type": "llama", "attention_bias": True}, "mlp_bias"),
                        ({"model_type": "bert", "hidden_act": "relu"}, "relu"),
-                       ({"model_type": "t5"}, "not supported")]:
+                       ({"model_type": "t5"}, "not supported"),
+                       # a minilm run's config.json, passed where an HF directory belongs
+                       ({**preset("bert-tiny").to_dict(), "head": "mlm"}, "a minilm config .*load_model_dir")]:
         with pytest.raises(MinilmError, match=match):
             config_from_hf(bad)
     with pytest.raises(MinilmError, match="no Hugging Face family"):

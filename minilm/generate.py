@@ -186,9 +186,13 @@ def next_token_logits(model: CausalLM, input_ids: Tensor, attention_mask: Tensor
     return model.lm_head(h[:, -1])                                                          # (B, V)
 
 
-def _check_prompt(input_ids: Tensor, attention_mask: Tensor | None, max_new_tokens: int) -> None:
+def _check_prompt(input_ids: Tensor, attention_mask: Tensor | None, max_new_tokens: int, vocab_size: int) -> None:
     if input_ids.dim() != 2 or input_ids.size(1) == 0:
         raise ValueError(f"input_ids must be (B, T0) with T0 >= 1, got shape {tuple(input_ids.shape)}")
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:       # the embedding lookup would fail with a bare IndexError
+        raise ValueError(f"input_ids must be token ids in [0, {vocab_size}), got {low} … {high}: "
+                         "were they made by this model's tokenizer?")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} is negative")
     if attention_mask is None:
@@ -221,7 +225,7 @@ def generate(model: CausalLM, input_ids: Tensor, *, max_new_tokens: int, tempera
 
     Runs in eval mode without gradients, and restores the model's training mode after.
     """
-    _check_prompt(input_ids, attention_mask, max_new_tokens)
+    _check_prompt(input_ids, attention_mask, max_new_tokens, model.config.vocab_size)
     check_sampling_options(temperature, top_k, top_p)
     config = model.config
     batch_size, prompt_len = input_ids.shape

@@ -139,6 +139,14 @@ def test_right_padding_is_refused():
         generate(model, ids, attention_mask=mask, max_new_tokens=2)
 
 
+def test_ids_outside_the_vocabulary_are_refused_by_name():
+    model = tiny_causal("gpt", dtype=torch.float32)
+    vocab = model.config.vocab_size
+    for bad in (vocab, -1):
+        with pytest.raises(ValueError, match=rf"token ids in \[0, {vocab}\), got"):
+            generate(model, torch.tensor([[1, bad]]), max_new_tokens=1)
+
+
 # --------------------------------------------------------------------------------------
 # sampling
 # --------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from minilm.checkpoint import load_model_dir
-from minilm.cli import ArgumentParser, main_guard
+from minilm.cli import ArgumentParser, given_flags, main_guard
 from minilm.data import load_tokenizer
 from minilm.errors import MinilmError
 from minilm.generate import check_sampling_options, fill_in, fill_mask, generate
@@ -32,7 +32,7 @@ from tokenizer import Tokenizer
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m minilm.sample", description=__doc__.split("\n\n")[0],
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("run_dir", type=Path, help="run directory written by train.py (a causal or masked LM)")
     parser.add_argument("--prompt", default="", help="text to continue (causal LM) or text with [MASK]s (masked LM)")
     parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate per sample")
@@ -80,7 +80,13 @@ def sample_masked(model: MaskedLM, tokenizer: Tokenizer, args: argparse.Namespac
     print(f"best: {fill_in(args.prompt, [candidates[0][0] for candidates in per_mask])}")
 
 
-def run(args: argparse.Namespace) -> None:
+# Flags that only one kind of model reads: given to the other, they would be silently ignored.
+CAUSAL_ONLY = ("max_new_tokens", "temperature", "top_k", "top_p", "num_samples", "greedy", "no_cache")
+MASKED_ONLY = ("num_candidates",)
+
+
+def run(args: argparse.Namespace, given: set[str] = frozenset()) -> None:
+    """given: the flags (dests) the command line set; checked against the kind of model."""
     if args.max_new_tokens < 0:
         raise MinilmError(f"--max-new-tokens {args.max_new_tokens} is negative")
     if args.num_samples < 1:
@@ -112,6 +118,11 @@ def run(args: argparse.Namespace) -> None:
     if kind is None:
         raise MinilmError(f"{args.run_dir} holds a {type(model).__name__}, which does not generate text: "
                           "sample from a pretraining run (causal or masked LM)")
+    unread = sorted(given & set(MASKED_ONLY if kind == "causal LM" else CAUSAL_ONLY))
+    if unread:
+        flags = ", ".join("--" + name.replace("_", "-") for name in unread)
+        raise MinilmError(f"{flags}: not read by a {kind}; a causal LM continues the prompt (--max-new-tokens, "
+                          "--temperature, …), a masked LM fills its [MASK]s (--num-candidates)")
     print(f"device {device}, {kind}, {model.num_parameters():,} parameters", file=sys.stderr)
 
     if isinstance(model, CausalLM):
@@ -123,7 +134,8 @@ def run(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 2 user error printed as one line on stderr)."""
     def sample() -> int:
-        run(build_parser().parse_args(argv))
+        parser = build_parser()
+        run(parser.parse_args(argv), given_flags(parser, argv))
         return 0
 
     return main_guard(sample)

@@ -371,6 +371,12 @@ def test_sample_cli_masked(tmp_path, tok, capsys):
     assert out.splitlines()[0] == "[MASK] 1"
     assert "probability" in out and out.count("\n") == 1 + 1 + 3 + 1     # title, header, 3 rows, best
     assert out.splitlines()[-1].startswith("best: the")
+    # a causal LM's flags mean nothing to a masked LM, and the other way round: one line, not ignored
+    assert main([str(run), "--prompt", "the [MASK] sat", "--temperature", "0.5", "--no-cache"]) == 2
+    assert "--no-cache, --temperature: not read by a masked LM" in capsys.readouterr().err
+    gpt = make_run_dir(tmp_path / "gpt", CausalLM(tiny_config(tok, "gpt-mini")), tok)
+    assert main([str(gpt), "--prompt", "the", "--num-candidates", "3"]) == 2
+    assert "--num-candidates: not read by a causal LM" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -67,6 +67,13 @@ def save_weights(model: PreTrained, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def first_line(err: BaseException) -> str:
+    """An exception's first line, for a one-line error (its class when it has no message:
+    torch.load of an empty file raises a bare EOFError)."""
+    lines = str(err).strip().splitlines()
+    return lines[0][:200] if lines else type(err).__name__
+
+
 def load_weights(model: PreTrained, path: Path) -> PreTrained:
     """Every tensor of `model` from `path`, and nothing else: a mismatch is a user error (the
     file belongs to another architecture), reported by safetensors as missing/unexpected keys."""
@@ -75,8 +82,7 @@ def load_weights(model: PreTrained, path: Path) -> PreTrained:
     except SafetensorError as err:
         raise MinilmError(f"{path} is damaged: not a complete safetensors file ({err})") from err
     except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
-        raise MinilmError(f"{path} does not fit the model of its config.json ({first[:200]})") from err
+        raise MinilmError(f"{path} does not fit the model of its config.json ({first_line(err)})") from err
     return model
 
 
@@ -183,5 +189,5 @@ def load_state(run_dir: Path, model: PreTrained) -> dict:
     try:
         return torch.load(state / "trainer.pt", weights_only=True, map_location="cpu")
     except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
-        raise MinilmError(f"{state / 'trainer.pt'} is damaged ({str(err).splitlines()[0][:200]}): "
+        raise MinilmError(f"{state / 'trainer.pt'} is damaged ({first_line(err)}): "
                           "the run cannot be resumed") from err

@@ -130,6 +130,9 @@ def build_tokenizer(cfg: PretrainConfig, sources: list[data.Source], run_dir: Pa
     saved = run_dir / "tokenizer"
     if (saved / "tokenizer.model").is_file():
         return data.load_tokenizer(saved)
+    if cfg.resume:      # a tokenizer trained again would give other ids to the model's embeddings
+        raise MinilmError(f"--resume: {saved}/tokenizer.model is missing, and a new tokenizer would not give the "
+                          "ids the model was trained on; restore it, or start a new run")
     if cfg.tokenizer:
         tok = data.load_tokenizer(cfg.tokenizer)
     else:

@@ -248,10 +248,17 @@ def test_a_run_started_with_relative_paths_resumes_from_another_directory(corpus
 def test_damaged_or_foreign_run_directories_are_one_line_errors_on_resume(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     assert train.main(tiny_args(corpus, out, "clm", "--max-steps", "3")) == 0
-    (out / "state" / "trainer.pt").write_bytes((out / "state" / "trainer.pt").read_bytes()[:100])
+    trainer_pt = (out / "state" / "trainer.pt").read_bytes()
+    for damaged in (trainer_pt[:100], b""):     # torch.load of an empty file raises a bare EOFError
+        (out / "state" / "trainer.pt").write_bytes(damaged)
+        assert main_guard(lambda: train.main(["--out", str(out), "--resume", "--max-steps", "5"])) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "state/trainer.pt is damaged" in err and "cannot be resumed" in err
+    (out / "state" / "trainer.pt").write_bytes(trainer_pt)
+    shutil.rmtree(out / "tokenizer")            # training a new one would scramble the embeddings' ids
     assert main_guard(lambda: train.main(["--out", str(out), "--resume", "--max-steps", "5"])) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "state/trainer.pt is damaged" in err and "cannot be resumed" in err
+    assert "tokenizer/tokenizer.model is missing" in capsys.readouterr().err
+    assert not (out / "tokenizer").exists()
     config = (out / "train_config.json").read_text()
     (out / "train_config.json").write_text(config[:40])
     assert main_guard(lambda: train.main(["--out", str(out), "--resume"])) == 2

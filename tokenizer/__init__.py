@@ -1,7 +1,7 @@
 """Subword tokenization for minilm: a SentencePiece tokenizer with fixed special-token ids.
 
     from tokenizer import Tokenizer, SPECIAL_TOKENS
-    tok = Tokenizer.train(["corpus.txt"], vocab_size=8000)
+    tok = Tokenizer.train(Path("corpus.txt"), vocab_size=8000)   # a path; a list of str is texts
     tok.save("out/tok"); tok = Tokenizer.load("out/tok")
     batch = tok(["a sentence", "another"], return_tensors="pt")
 

@@ -288,12 +288,22 @@ def fetch_named_corpus(name: str, cache_dir: str | os.PathLike | None = None) ->
     The download streams into a temporary file in the cache directory while its
     sha256 is computed; only a file whose hash matches is renamed to its final name
     (an atomic rename), so the cache never holds a partial or wrong file and a file
-    that is present needs no second download.
+    that is present needs no second download. A present file is hashed again on every use
+    (milliseconds for these corpora): one damaged or put there by hand is refused, not
+    read (the prepared-token cache trusts the expected hash).
     """
     corpus = NAMED_CORPORA[name]
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     target = cache / corpus.filename
     if target.is_file():
+        hasher = hashlib.sha256()
+        with target.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                hasher.update(chunk)
+        present = hasher.hexdigest()
+        if present != corpus.sha256:
+            raise MinilmError(f"{target} (corpus {name!r}) has sha256 {present}, expected {corpus.sha256}: "
+                              "it is damaged or not that corpus; delete it to download it again")
         return target
     cache.mkdir(parents=True, exist_ok=True)
     fd, partial_name = tempfile.mkstemp(dir=cache, prefix=f".{corpus.filename}.", suffix=".part")

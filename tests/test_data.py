@@ -243,6 +243,11 @@ def test_download_verifies_checksum_and_is_cached(local_server, tmp_path: Path, 
     assert len(_CountingHandler.requests) == 1  # second call: no request
     assert [p.name for p in (tmp_path / "cache").iterdir()] == ["testcorpus.txt"]  # no temp files left
 
+    sources[0].path.write_bytes(body[: len(body) // 2])     # damaged in the cache: refused, not read
+    with pytest.raises(MinilmError, match="testcorpus.txt .* has sha256 .* delete it to download it again"):
+        resolve_sources(["testcorpus"])
+    assert len(_CountingHandler.requests) == 1
+
 
 def test_download_checksum_mismatch_leaves_nothing(local_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     url, _ = local_server

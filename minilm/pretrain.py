@@ -301,8 +301,8 @@ def prepare_run_dir(out: Path, resume: bool) -> AbstractContextManager:
     if not resume:
         return new_run_setup(out, hint="pass --resume to continue that run or --out a new directory")
     if not (out / "state").is_dir() and not (out / "state.old").is_dir():
-        raise MinilmError(f"--resume: {out} has no saved state (the run stopped before its first step); "
-                          "start it again with a new --out")
+        raise MinilmError(f"--resume: {out} has no saved state (no state/: the run stopped before its first "
+                          "step, or state/ was removed); start it again with a new --out")
     return nullcontext()
 
 

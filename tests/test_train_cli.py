@@ -259,6 +259,10 @@ def test_damaged_or_foreign_run_directories_are_one_line_errors_on_resume(corpus
     assert main_guard(lambda: train.main(["--out", str(out), "--resume", "--max-steps", "5"])) == 2
     assert "tokenizer/tokenizer.model is missing" in capsys.readouterr().err
     assert not (out / "tokenizer").exists()
+    shutil.rmtree(out / "state")
+    assert main_guard(lambda: train.main(["--out", str(out), "--resume", "--max-steps", "5"])) == 2
+    assert "has no saved state (no state/: the run stopped before its first step, or state/ was removed)" \
+        in capsys.readouterr().err
     config = (out / "train_config.json").read_text()
     (out / "train_config.json").write_text(config[:40])
     assert main_guard(lambda: train.main(["--out", str(out), "--resume"])) == 2

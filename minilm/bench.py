@@ -113,7 +113,7 @@ from torch import Tensor, nn
 from minilm.attention import manual_attention, sdpa_attention
 from minilm.checkpoint import new_run_setup
 from minilm.cli import ArgumentParser, HelpFormatter, main_guard
-from minilm.config import ModelConfig, preset
+from minilm.config import ModelConfig, flag, preset
 from minilm.errors import MinilmError, import_transformers
 from minilm.model import CausalLM, MaskedLM, SequenceClassifier
 from minilm.objectives import IGNORE_INDEX, mask_tokens, shift_for_clm
@@ -207,7 +207,7 @@ class BenchOptions:
         least = {"seq_len": 4, "batch_size": 1, "steps": 1, "warmup": 0, "sweep_batch": 1}
         for name, minimum in least.items():
             if getattr(self, name) < minimum:
-                raise MinilmError(f"--{name.replace('_', '-')} must be >= {minimum}, got {getattr(self, name)}")
+                raise MinilmError(f"{flag(name)} must be >= {minimum}, got {getattr(self, name)}")
         if self.sweep_lengths is not None and min(self.sweep_lengths, default=0) < least["seq_len"]:
             raise MinilmError(f"--sweep-lengths must be >= {least['seq_len']} each, got {self.sweep_lengths}")
 

@@ -22,6 +22,7 @@ import torch
 
 from minilm.checkpoint import load_model_dir
 from minilm.cli import ArgumentParser, given_flags, main_guard
+from minilm.config import flag
 from minilm.data import load_tokenizer
 from minilm.errors import MinilmError
 from minilm.generate import check_sampling_options, fill_in, fill_mask, generate
@@ -120,8 +121,7 @@ def run(args: argparse.Namespace, given: set[str] = frozenset()) -> None:
                           "sample from a pretraining run (causal or masked LM)")
     unread = sorted(given & set(MASKED_ONLY if kind == "causal LM" else CAUSAL_ONLY))
     if unread:
-        flags = ", ".join("--" + name.replace("_", "-") for name in unread)
-        raise MinilmError(f"{flags}: not read by a {kind}; a causal LM continues the prompt (--max-new-tokens, "
+        raise MinilmError(f"{', '.join(map(flag, unread))}: not read by a {kind}; a causal LM continues the prompt (--max-new-tokens, "
                           "--temperature, …), a masked LM fills its [MASK]s (--num-candidates)")
     print(f"device {device}, {kind}, {model.num_parameters():,} parameters", file=sys.stderr)
 

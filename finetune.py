@@ -150,24 +150,25 @@ def read_texts(path: str, pairs: bool) -> tuple[list[str], list[str] | None]:
     file = Path(path)
     if not file.is_file():
         raise MinilmError(f"--file {path} not found: pass a text file with one text per line")
-    try:
-        lines = [line for line in split_lines(file.read_text(encoding="utf-8")) if line.strip()]
+    try:    # utf-8-sig: a byte-order mark (Windows editors write one) is no part of the first text
+        numbered = [(n, line) for n, line in enumerate(split_lines(file.read_text(encoding="utf-8-sig")), 1)
+                    if line.strip()]
     except UnicodeDecodeError as err:
         raise MinilmError(f"--file {path} is not UTF-8 text (byte {err.start}): save it as UTF-8") from err
-    if not lines:
+    if not numbered:
         raise MinilmError(f"--file {path} has no text: one text per line, blank lines are skipped")
     if not pairs:
-        return lines, None
-    split = [line.split("\t", 1) for line in lines]
-    for number, parts in enumerate(split, 1):
-        if len(parts) != 2:
-            raise MinilmError(f"{path}: text {number} has no TAB; a pair model needs TEXT<TAB>PAIR lines")
+        return [line for _, line in numbered], None
+    for number, line in numbered:
+        if "\t" not in line:
+            raise MinilmError(f"{path}: line {number} has no TAB; a pair model needs TEXT<TAB>PAIR lines")
+    split = [line.split("\t", 1) for _, line in numbered]
     return [a for a, _ in split], [b for _, b in split]
 
 
 def predict_main(argv: list[str]) -> int:
     p = ArgumentParser(prog="finetune.py predict", description="Label texts with a finetuned run.",
-                                formatter_class=HelpFormatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("run_dir", help="a finetune.py run directory")
     p.add_argument("--text", action="append", default=[], help="a text to classify (repeatable)")
     p.add_argument("--pair", action="append", default=None, help="the second text of a pair, one per --text")
@@ -200,8 +201,8 @@ def predict_main(argv: list[str]) -> int:
 
 def export_main(argv: list[str]) -> int:
     p = ArgumentParser(prog="finetune.py export", formatter_class=HelpFormatter,
-                                description="Write a finetuned run as a transformers *ForSequenceClassification "
-                                            "directory (AutoModelForSequenceClassification.from_pretrained).")
+                       description="Write a finetuned run as a transformers *ForSequenceClassification "
+                                   "directory (AutoModelForSequenceClassification.from_pretrained).")
     p.add_argument("run_dir", help="a finetune.py run directory")
     p.add_argument("out_dir", help="the directory to write (must not exist or be empty)")
     p.add_argument("--weights", choices=get_args(Weights), default="best")

@@ -119,6 +119,11 @@ def test_line_breaks_are_lf_crlf_or_cr_only(tmp_path):
     texts = tmp_path / "texts.txt"
     texts.write_text(f"{odd}\n\nsecond text\n", encoding="utf-8")
     assert finetune.read_texts(str(texts), pairs=False) == ([odd, "second text"], None)
+    texts.write_text("first\n\nsecond\n", encoding="utf-8-sig")     # a byte-order mark is no text
+    assert finetune.read_texts(str(texts), pairs=False) == (["first", "second"], None)
+    texts.write_text("a\tb\n\nno tab here\n", encoding="utf-8")       # errors count file lines, blanks too
+    with pytest.raises(MinilmError, match="line 3 has no TAB"):
+        finetune.read_texts(str(texts), pairs=True)
 
 
 def test_explicit_pair_column_in_csv(tmp_path):

@@ -356,6 +356,11 @@ def _corpus_files(root: Path) -> list[Path]:
     return sorted(p for p in files if p.is_file())
 
 
+def is_glob(spec: str) -> bool:
+    """Whether a --data spec that names no existing path is a glob pattern."""
+    return any(char in spec for char in "*?[")
+
+
 def _resolve_one(spec: str, cache_dir: str | os.PathLike | None, text_field: str) -> list[Source]:
     """The sources one spec names; a spec that names nothing is a MinilmError."""
     if not spec.strip():        # Path("") is the current directory: an unset shell variable, not a corpus
@@ -368,7 +373,7 @@ def _resolve_one(spec: str, cache_dir: str | os.PathLike | None, text_field: str
         if not files:
             raise MinilmError(f"directory {spec!r} contains no .txt or .jsonl files; point to a directory with text files, or to the files themselves")
         return [_file_source(p, str(p), text_field) for p in files]
-    if any(char in spec for char in "*?["):
+    if is_glob(spec):
         files = sorted(Path(p) for p in glob(os.path.expanduser(spec), recursive=True) if os.path.isfile(p))
         if not files:
             raise MinilmError(f"no files match the pattern {spec!r}; check the pattern (quote it so the shell does not expand it)")
@@ -388,7 +393,7 @@ def absolute_spec(spec: str) -> str:
     files from any directory. A spec that is no existing path or glob (a corpus name, or a
     missing file, whose error should quote it as typed) is returned unchanged."""
     path = Path(spec).expanduser()
-    if spec.strip() and (path.exists() or any(char in spec for char in "*?[")):
+    if spec.strip() and (path.exists() or is_glob(spec)):
         return os.path.abspath(path)
     return spec
 

@@ -185,6 +185,8 @@ def load_state(run_dir: Path, model: PreTrained) -> dict:
         state = run_dir / "state.old"          # crashed mid-swap: the previous state is whole
     if not (state / "trainer.pt").is_file():
         raise MinilmError(f"no resume state in {run_dir}/state: start a new run instead of --resume")
+    if not (state / "model.safetensors").is_file():
+        raise MinilmError(f"{state / 'model.safetensors'} is missing: the run cannot be resumed")
     load_weights(model, state / "model.safetensors")
     try:
         return torch.load(state / "trainer.pt", weights_only=True, map_location="cpu")

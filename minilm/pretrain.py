@@ -295,6 +295,26 @@ def mlm_evaluate(cfg: PretrainConfig, prepared: data.PreparedData, tok: Tokenize
 # --------------------------------------------------------------------------------------
 # the run
 # --------------------------------------------------------------------------------------
+def data_record(sources: list[data.Source], prepared: data.PreparedData) -> dict:
+    """data.json: what the run trains on, its sources and each split's counts."""
+    return {"sources": [source.identity() for source in sources],
+            "splits": {name: asdict(prepared.stats(name)) for name in data.SPLITS}}
+
+
+def note_changed_data(out: Path, prepared: data.PreparedData) -> None:
+    """A resumed run reads its data again; say so when the split counts differ from data.json
+    (the counts, not the file times: a copied corpus keeps its content but not its ctime)."""
+    record = out / "data.json"
+    if not record.is_file():        # a run from before data.json was written
+        return
+    was = read_json(record)["splits"]
+    now = {name: asdict(prepared.stats(name)) for name in data.SPLITS}
+    if was != now:
+        say(f"note: the data differs from what this run started on (train tokens {was['train']['tokens']:,} -> "
+            f"{now['train']['tokens']:,}, val tokens {was['val']['tokens']:,} -> {now['val']['tokens']:,}); "
+            "it continues on the data as it is now, so it will not match an uninterrupted run")
+
+
 def prepare_run_dir(out: Path, resume: bool) -> AbstractContextManager:
     """The context of a run's setup. A new run never writes into an existing run, and one whose
     setup fails leaves nothing behind (new_run_setup); --resume requires a saved state."""
@@ -349,8 +369,10 @@ def run(cfg: PretrainConfig) -> dict:
         if cfg.resume:
             trainer.resume()            # refuses a run that has spent its budget, before writing anything
             say(f"resumed at step {trainer.step}")
+            note_changed_data(out, prepared)
         else:
             save_model_dir(model, out)  # config.json now, weights replaced at the end
+            write_json(out / "data.json", data_record(sources, prepared))
         write_json(out / "train_config.json", asdict(cfg))     # on resume: with the new budget, if any
     prep_seconds = time.perf_counter() - wall0
     result = trainer.fit()

@@ -10,6 +10,7 @@ import json
 import random
 import tracemalloc
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -183,6 +184,11 @@ def test_decode_accepts_tensors_and_rejects_bad_ids(tok):
         tok.decode([len(tok)])
     with pytest.raises(ValueError, match="out of range"):
         tok.decode([-1])
+    with pytest.raises(TypeError, match="integer"):       # int() truncated it: 1.5 decoded as id 1, i.e. ''
+        tok.decode([1.5])
+    with pytest.raises(TypeError, match="integer"):
+        tok.decode(torch.tensor(ids, dtype=torch.float32))
+    assert tok.decode(np.array(ids)) == tok.decode([np.int64(i) for i in ids]) == "hello world"
 
 
 def test_common_words_become_single_pieces(tok):

@@ -221,6 +221,28 @@ def test_a_copied_or_moved_run_resumes_where_it_is_now(corpus, tmp_path):
     assert json.loads((moved / "summary.json").read_text())["steps"] == 4
 
 
+def test_resume_says_when_the_data_changed_since_the_run_started(corpus, tmp_path, capsys):
+    """data.json records each split's counts; a resume on other data continues (say a corpus
+    with a typo fixed) but says it will not match an uninterrupted run. A copy of the same
+    text, with new file times, is no change."""
+    text = tmp_path / "corpus.txt"
+    shutil.copy(corpus, text)
+    out = tmp_path / "run"
+    assert train.main(tiny_args(text, out, "clm", "--max-steps", "3")) == 0
+    record = json.loads((out / "data.json").read_text())
+    assert record["sources"][0]["path"] == str(text) and record["splits"]["train"]["tokens"] > 0
+    capsys.readouterr()
+    shutil.copy(corpus, text)                  # same content, new mtime and ctime
+    assert train.main(["--out", str(out), "--resume", "--max-steps", "4"]) == 0
+    assert "the data differs" not in capsys.readouterr().out
+    text.write_text(corpus.read_text() + "\n\nThe red bird sat on the big hill.\n")
+    assert train.main(["--out", str(out), "--resume", "--max-steps", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert "note: the data differs from what this run started on" in printed
+    assert "will not match an uninterrupted run" in printed
+    assert json.loads((out / "summary.json").read_text())["steps"] == 5
+
+
 def test_a_run_started_with_relative_paths_resumes_from_another_directory(corpus, tmp_path, monkeypatch, capsys):
     """train_config.json keeps --data, --tokenizer and --cache-dir absolute, so that --resume
     from elsewhere reads the same files, and the same file spelt another way is no change."""
@@ -255,6 +277,10 @@ def test_damaged_or_foreign_run_directories_are_one_line_errors_on_resume(corpus
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "state/trainer.pt is damaged" in err and "cannot be resumed" in err
     (out / "state" / "trainer.pt").write_bytes(trainer_pt)
+    (out / "state" / "model.safetensors").unlink()
+    assert main_guard(lambda: train.main(["--out", str(out), "--resume", "--max-steps", "5"])) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "state/model.safetensors is missing: the run cannot be resumed" in err
     shutil.rmtree(out / "tokenizer")            # training a new one would scramble the embeddings' ids
     assert main_guard(lambda: train.main(["--out", str(out), "--resume", "--max-steps", "5"])) == 2
     assert "tokenizer/tokenizer.model is missing" in capsys.readouterr().err

@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import io
 import json
+import operator
 import os
 import re
 from pathlib import Path
@@ -464,7 +465,7 @@ class Tokenizer:
         """
         if hasattr(ids, "tolist"):  # torch tensor / numpy array
             ids = ids.tolist()
-        ids = [int(i) for i in ids]
+        ids = [operator.index(i) for i in ids]  # int() would truncate a float id: 1.5 -> 1
         self._check_ids(ids)
         if skip_special_tokens:
             return self._sp.decode([i for i in ids if i not in self._special_ids])

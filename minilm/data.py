@@ -737,6 +737,28 @@ def _tokenize_splits(
         bar.update(pending_chars)
 
 
+def remove_abandoned_work(out_dir: Path) -> None:
+    """Delete the .prepare-PID-* directories of prepares whose process is gone.
+
+    A prepare removes its own work directory when it ends, even on an error or Ctrl-C; only a
+    process killed outright (SIGKILL, a power cut) leaves one, holding partial token files
+    that would otherwise stay in the cache forever. One whose process still runs (another
+    train.py preparing the same data) is left alone. POSIX only: elsewhere os.kill(pid, 0)
+    does not test a process, it ends it."""
+    if os.name != "posix":
+        return
+    for work in out_dir.glob(".prepare-*-*"):
+        pid = work.name.split("-")[1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(work, ignore_errors=True)
+        except PermissionError:     # alive, another user's
+            pass
+
+
 def prepare_tokens(
     sources: Sequence[Source],
     tokenizer: TokenizerLike,
@@ -772,7 +794,8 @@ def prepare_tokens(
     vocab_size = len(tokenizer)
     dtype = token_dtype(vocab_size)
     out_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out_dir))
+    remove_abandoned_work(out_dir)
+    work = Path(tempfile.mkdtemp(prefix=f".prepare-{os.getpid()}-", dir=out_dir))
     try:
         writers = {name: _SplitWriter(work, name, dtype, tokenizer.eos_id, vocab_size) for name in SPLITS}
         try:

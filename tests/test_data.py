@@ -12,6 +12,8 @@ import importlib.metadata
 import json
 import os
 import re
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -428,6 +430,24 @@ def test_interrupted_prepare_leaves_no_valid_looking_set(corpus_file: Path, tmp_
     (out / "train.bin").write_bytes(b"")   # files from a set whose meta.json never came: not a set
     with pytest.raises(MinilmError, match="meta.json is missing"):
         PreparedData.load(out)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="processes are tested with os.kill(pid, 0)")
+def test_a_killed_prepares_work_directory_is_removed_by_the_next_prepare(corpus_file: Path, tmp_path: Path,
+                                                                        tokenizer: Tokenizer) -> None:
+    """SIGKILL skips the finally that removes a prepare's work directory; the next prepare of
+    the same out_dir removes it when its process is gone, and keeps one whose process lives."""
+    out = tmp_path / "prep"
+    sources = resolve_sources([str(corpus_file)])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    abandoned, live = out / f".prepare-{dead.pid}-x1", out / f".prepare-{os.getppid()}-x2"
+    for work in (abandoned, live):
+        work.mkdir(parents=True)
+        (work / "train.bin").write_bytes(b"\0" * 64)
+    prepare_tokens(sources, tokenizer, out, val_fraction=0.1)
+    assert not abandoned.exists() and (live / "train.bin").exists()
+    assert PreparedData.load(out).train.tokens > 0
 
 
 def test_prepare_errors_on_empty_validation(tmp_path: Path, tokenizer: Tokenizer) -> None:

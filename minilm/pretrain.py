@@ -295,10 +295,14 @@ def mlm_evaluate(cfg: PretrainConfig, prepared: data.PreparedData, tok: Tokenize
 # --------------------------------------------------------------------------------------
 # the run
 # --------------------------------------------------------------------------------------
+def split_counts(prepared: data.PreparedData) -> dict:
+    """Each split's tokens, documents and characters."""
+    return {name: asdict(prepared.stats(name)) for name in data.SPLITS}
+
+
 def data_record(sources: list[data.Source], prepared: data.PreparedData) -> dict:
-    """data.json: what the run trains on, its sources and each split's counts."""
-    return {"sources": [source.identity() for source in sources],
-            "splits": {name: asdict(prepared.stats(name)) for name in data.SPLITS}}
+    """data.json: what the run trains on, its sources and split_counts."""
+    return {"sources": [source.identity() for source in sources], "splits": split_counts(prepared)}
 
 
 def note_changed_data(out: Path, prepared: data.PreparedData) -> None:
@@ -307,11 +311,12 @@ def note_changed_data(out: Path, prepared: data.PreparedData) -> None:
     record = out / "data.json"
     if not record.is_file():        # a run from before data.json was written
         return
-    was = read_json(record)["splits"]
-    now = {name: asdict(prepared.stats(name)) for name in data.SPLITS}
+    was, now = read_json(record).get("splits"), split_counts(prepared)
     if was != now:
-        say(f"note: the data differs from what this run started on (train tokens {was['train']['tokens']:,} -> "
-            f"{now['train']['tokens']:,}, val tokens {was['val']['tokens']:,} -> {now['val']['tokens']:,}); "
+        def tokens(counts: dict | None, split: str) -> str:
+            return f"{counts[split]['tokens']:,}" if isinstance(counts, dict) and split in counts else "?"
+        say(f"note: the data differs from what this run started on (train tokens {tokens(was, 'train')} -> "
+            f"{tokens(now, 'train')}, val tokens {tokens(was, 'val')} -> {tokens(now, 'val')}); "
             "it continues on the data as it is now, so it will not match an uninterrupted run")
 
 

@@ -127,6 +127,13 @@ def scratch_setting(cfg: FinetuneConfig, name: str):
 # --------------------------------------------------------------------------------------
 # metrics
 # --------------------------------------------------------------------------------------
+def occurring_classes(confusion: list[list[int]]) -> list[bool]:
+    """The classes that occur, as a true or a predicted class. Macro averages run over these,
+    as scikit-learn's do: a class absent from the validation set and never predicted has no
+    precision, recall or F1 to average."""
+    return [sum(row) + sum(column) > 0 for row, column in zip(confusion, zip(*confusion))]
+
+
 @dataclass
 class ClassificationReport:
     """Scores of predictions against true classes; lists are indexed by class id."""
@@ -150,10 +157,9 @@ class ClassificationReport:
         recall = hits / C.sum(1).clamp(min=1)
         f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall),
                          torch.zeros_like(hits))
-        # the macro average runs over the classes that occur (true or predicted), as scikit-learn's:
-        # a class absent from the validation set and never predicted has no F1 to average
-        present = (C.sum(0) + C.sum(1)) > 0
-        return cls(labels=list(labels), confusion=C.long().tolist(),
+        confusion = C.long().tolist()
+        present = torch.tensor(occurring_classes(confusion))
+        return cls(labels=list(labels), confusion=confusion,
                    accuracy=(hits.sum() / C.sum().clamp(min=1)).item(), macro_f1=f1[present].mean().item(),
                    precision=precision.tolist(), recall=recall.tolist(), f1=f1.tolist(),
                    support=C.sum(1).long().tolist())
@@ -173,8 +179,13 @@ class ClassificationReport:
             lines.append(f"{name:<{w}}{p:>10.3f}{r:>10.3f}{f:>10.3f}{s:>10}")
         total = sum(self.support)
         lines.append(f"{'accuracy':<{w}}{'':>20}{self.accuracy:>10.3f}{total:>10}")
-        lines.append(f"{'macro avg':<{w}}{sum(self.precision) / len(self.labels):>10.3f}"
-                     f"{sum(self.recall) / len(self.labels):>10.3f}{self.macro_f1:>10.3f}{total:>10}")
+        present = occurring_classes(self.confusion)
+
+        def macro(values: list[float]) -> float:
+            return sum(v for v, ok in zip(values, present) if ok) / max(sum(present), 1)
+
+        lines.append(f"{'macro avg':<{w}}{macro(self.precision):>10.3f}{macro(self.recall):>10.3f}"
+                     f"{self.macro_f1:>10.3f}{total:>10}")
         cw = max(8, *(len(n) + 1 for n in self.labels))
         lines += ["", "confusion matrix (rows: true class, columns: predicted)",
                   " " * w + "".join(f"{n:>{cw}}" for n in self.labels)]

@@ -1,7 +1,7 @@
 """The one training loop that train.py and finetune.py share.
 
     for step:                                   lr = schedule(step, progress)
-        for micro-batch in grad_accum:          loss = model(**batch).loss / grad_accum
+        for micro-batch in grad_accum:          loss = model(**batch).loss · n_micro / n_step
             backward (scaled for fp16)
         clip grad norm -> AdamW step -> zero grads
         log / evaluate / keep best / save resume state
@@ -38,6 +38,7 @@ from minilm.checkpoint import load_state, save_state, save_weights
 from minilm.config import check_choices, check_ranges, flag
 from minilm.errors import MinilmError
 from minilm.model import PreTrained
+from minilm.objectives import IGNORE_INDEX
 
 Batch = dict[str, torch.Tensor]
 
@@ -299,6 +300,22 @@ def deferred_interrupt() -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, previous)
 
 
+def loss_terms(batch: dict) -> float:
+    """What a model's mean loss on `batch` divides by: its labelled targets (rows, masked
+    tokens, next tokens), or their summed class weights when the loss weighs classes.
+
+    Accumulated micro-batches are weighted by it, so N of them give the gradient of one batch
+    N times larger even when they differ in size (an epoch's last batch, a varying number of
+    masked tokens) or in class mix. ELECTRA's loss adds a mean over the real tokens to the
+    generator's mean over the masked ones; weighting both by the masked count makes that one
+    match only approximately."""
+    labels = batch["labels"]
+    weights = batch.get("class_weights")
+    if weights is not None:
+        return float(weights[labels].sum())
+    return float((labels != IGNORE_INDEX).sum())
+
+
 class Trainer:
     """Runs `LoopConfig` on a model; owns the optimizer, scaler, metrics log and state files."""
 
@@ -377,11 +394,13 @@ class Trainer:
             group["lr"] = lr * group.get("lr_scale", 1.0)      # no lr_scale in states saved before it existed
         model.train()
         total_loss = 0.0
-        for micro in range(loop.grad_accum):
-            batch = self.get_batch(self.step * loop.grad_accum + micro)
+        micro_batches = [self.get_batch(self.step * loop.grad_accum + micro) for micro in range(loop.grad_accum)]
+        terms = [loss_terms(batch) for batch in micro_batches]
+        total_terms = sum(terms) or 1.0     # none (an MLM batch with nothing masked): the loss is nan anyway
+        for batch, n in zip(micro_batches, terms):
             batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             with autocast(self.device, self.dtype):
-                loss = model(**batch).loss / loop.grad_accum
+                loss = model(**batch).loss * (n / total_terms)     # exactly 1.0 without accumulation
             self.scaler.scale(loss).backward()
             total_loss += loss.item()
             mask = batch.get("attention_mask")

@@ -302,6 +302,11 @@ def test_metrics_by_hand_and_against_scikit_learn():
     r = ClassificationReport.compute(pred, true, list("abc"))
     assert r.macro_f1 == pytest.approx((0.8 + 2 / 3) / 2)
     assert r.macro_f1 == pytest.approx(metrics.f1_score(true, pred, average="macro"))
+    # the table's macro precision and recall average over the same classes as its F1
+    report = metrics.classification_report(true, pred, output_dict=True, zero_division=0)["macro avg"]
+    row = next(line for line in r.table().splitlines() if line.startswith("macro avg")).split()
+    assert [float(v) for v in row[2:5]] == pytest.approx([report["precision"], report["recall"], report["f1-score"]],
+                                                        abs=5e-4)
 
 
 def test_balanced_class_weights():

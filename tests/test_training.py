@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minilm import CausalLM, preset, training
+from minilm import CausalLM, SequenceClassifier, preset, training
 from minilm.errors import MinilmError
 from minilm.training import Interrupted, LoopConfig, Trainer, layer_of, lr_at, make_optimizer, resolve_dtype
 
@@ -148,18 +148,38 @@ def test_training_learns_what_can_be_learned(tmp_path):
     assert curve[0][1] > 3.5 and curve[-1][1] < 0.5 * curve[0][1], curve[::10]
 
 
-def test_gradient_accumulation_equals_one_big_batch(tmp_path):
-    """grad_accum=2 over two half batches takes the same steps as one batch of both halves."""
-    def half(j: int) -> dict:
-        full = counting_batch(j // 2)
-        rows = slice(0, 4) if j % 2 == 0 else slice(4, 8)
-        return {k: v[rows] for k, v in full.items()}
+def class_batch(i: int) -> dict:
+    """8 rows of 3 classes with class weights, for a classifier: the weighted mean divides by
+    the summed weights of the rows' classes, not by the rows."""
+    g = torch.Generator().manual_seed(i)
+    return {"input_ids": torch.randint(0, 50, (8, 16), generator=g), "labels": torch.randint(0, 3, (8,), generator=g),
+            "class_weights": torch.tensor([0.5, 1.0, 4.0])}
+
+
+@pytest.mark.parametrize("split, batch, model", [
+    (4, counting_batch, "clm"),
+    (6, counting_batch, "clm"),         # micro-batches of 6 and 2 rows: an epoch's short last batch
+    (5, class_batch, "classifier"),     # class weights: each half's mean has its own denominator
+])
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, split, batch, model):
+    """grad_accum=2 over two parts of a batch takes the same steps as the whole batch at once."""
+    def part(j: int) -> dict:
+        full = batch(j // 2)
+        rows = slice(0, split) if j % 2 == 0 else slice(split, 8)
+        return {k: v if k == "class_weights" else v[rows] for k, v in full.items()}
+
+    def new_model():
+        if model == "clm":
+            return tiny_model(dropout=0.0)
+        torch.manual_seed(0)
+        return SequenceClassifier(preset("bert-tiny", vocab_size=50, max_seq_len=16, d_model=32, n_heads=4,
+                                         d_ff=64, dropout=0.0, attn_dropout=0.0, num_labels=3))
 
     runs = []
-    for accum, batches, out in ((1, counting_batch, tmp_path / "one"), (2, half, tmp_path / "two")):
+    for accum, batches, out in ((1, batch, tmp_path / "one"), (2, part, tmp_path / "two")):
         out.mkdir()
         loop = LoopConfig(lr=1e-2, warmup_steps=0, max_steps=3, grad_accum=accum, log_every=1, progress=False)
-        trainer = Trainer(tiny_model(dropout=0.0), batches, loop, out, torch.device("cpu"), torch.float32)
+        trainer = Trainer(new_model(), batches, loop, out, torch.device("cpu"), torch.float32)
         grads, step = [], trainer.optimizer.step
 
         def record_then_step(*args, **kwargs):      # the gradients each optimizer step sees

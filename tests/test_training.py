@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minilm import CausalLM, SequenceClassifier, preset, training
+from minilm import CausalLM, MaskedLM, SequenceClassifier, preset, training
 from minilm.errors import MinilmError
 from minilm.training import Interrupted, LoopConfig, Trainer, layer_of, lr_at, make_optimizer, resolve_dtype
 
@@ -156,8 +156,18 @@ def class_batch(i: int) -> dict:
             "class_weights": torch.tensor([0.5, 1.0, 4.0])}
 
 
+def masked_batch(i: int) -> dict:
+    """8 rows for a masked LM with about 15% of the targets kept: the halves hold different
+    numbers of masked tokens, the denominators of their mean losses."""
+    full = counting_batch(i)
+    g = torch.Generator().manual_seed(10_000 + i)
+    labels = full["labels"].masked_fill(torch.rand(full["labels"].shape, generator=g) > 0.15, -100)
+    return {"input_ids": full["input_ids"], "labels": labels}
+
+
 @pytest.mark.parametrize("split, batch, model", [
     (4, counting_batch, "clm"),
+    (4, masked_batch, "mlm"),
     (6, counting_batch, "clm"),         # micro-batches of 6 and 2 rows: an epoch's short last batch
     (5, class_batch, "classifier"),     # class weights: each half's mean has its own denominator
 ])
@@ -172,6 +182,9 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, split, batch, mode
         if model == "clm":
             return tiny_model(dropout=0.0)
         torch.manual_seed(0)
+        if model == "mlm":
+            return MaskedLM(preset("bert-tiny", vocab_size=50, max_seq_len=16, d_model=32, n_heads=4, d_ff=64,
+                                   dropout=0.0, attn_dropout=0.0))
         return SequenceClassifier(preset("bert-tiny", vocab_size=50, max_seq_len=16, d_model=32, n_heads=4,
                                          d_ff=64, dropout=0.0, attn_dropout=0.0, num_labels=3))
 

@@ -119,9 +119,10 @@ def _decode(path: Path, encoding: str) -> str:
     except LookupError as err:
         raise MinilmError(f"unknown --encoding {encoding!r}: use e.g. utf-8, latin-1, cp1252") from err
     except UnicodeDecodeError as err:
-        line = raw.count(b"\n", 0, err.start) + 1
-        raise MinilmError(f"{path}:{line}: not valid {encoding} ({err.reason} at byte {err.start}); "
-                          "re-encode the file as UTF-8 or pass its encoding, e.g. --encoding latin-1") from err
+        line = len(split_lines(raw[:err.start].decode(codec, errors="replace")))     # LF, CR LF or CR
+        raise MinilmError(f"{path}:{line}: not valid {encoding} ({err.reason} at byte {err.start}); re-encode the "
+                          "file as UTF-8 or pass its encoding, e.g. --encoding cp1252 (Windows; latin-1 reads its "
+                          "quotes and dashes as control characters)") from err
 
 
 def split_lines(text: str) -> list[str]:
@@ -205,10 +206,13 @@ def _likely_label_column(rows: list[list[str]], exclude: int | None = None) -> i
     return min(candidates, key=lambda k: (len({r[k] for r in rows}), _mean_len(rows, k), -k))
 
 
-def _names_a_column(cells: list[str], specs: list[str | None]) -> bool:
-    """A cell is a known column name ("text", "label", ...) or a name passed by flag."""
+def _names_a_column(rows: list[list[str]], specs: list[str | None]) -> bool:
+    """A cell of the first row is a known column name ("text", "label", ...) or a name passed
+    by flag, and does not occur again below it: a label such as "question" or "comment" in a
+    file without a header does."""
     named = {s.lower() for s in specs if s and not _is_position(s)}
-    return any(c.strip().lower() in KNOWN_COLUMNS or c.strip().lower() in named for c in cells)
+    return any((cell.strip().lower() in KNOWN_COLUMNS or cell.strip().lower() in named)
+               and all(row[k] != cell for row in rows[1:]) for k, cell in enumerate(rows[0]))
 
 
 def _has_header(rows: list[list[str]], header: Header, specs: list[str | None]) -> bool:
@@ -220,7 +224,7 @@ def _has_header(rows: list[list[str]], header: Header, specs: list[str | None]) 
     """
     if header in ("yes", "no"):
         return header == "yes"
-    if _names_a_column(rows[0], specs):
+    if _names_a_column(rows, specs):
         return True
     body = rows[1:]
     if len(body) < 2 or len(rows[0]) < 2:
@@ -273,7 +277,7 @@ def _read_table(path: Path, text: str, delimiter: str, text_col: str | None, pai
     how = ""
     if not has_header:
         how = " (no header)"
-    elif header == "auto" and not _names_a_column(rows[0][1], [text_col, pair_col, label_col]):
+    elif header == "auto" and not _names_a_column([cells for _, cells in rows], [text_col, pair_col, label_col]):
         how = f" (line {rows[0][0]} taken for a header; --header no if it is a row)"     # guessed from content
     columns = (f"text={_name_of(names, t)}" + (f", pair={_name_of(names, p)}" if p is not None else "")
                + f", label={_name_of(names, lab)}" + how)

@@ -97,6 +97,18 @@ def test_header_with_unknown_names_is_detected(tmp_path):
     assert len(data) == 12 and "line 1 taken for a header; --header no if it is a row" in data.columns
 
 
+def test_a_label_named_like_a_column_is_no_header(tmp_path):
+    """Labels such as "question" or "comment" are also known text-column names; a first row
+    whose such cell recurs below it is data, not a header (its columns were swapped)."""
+    f = tmp_path / "support.csv"
+    rows = [(f"how do I reset password number {k}?", "question") if k % 2 else (f"the app crashed {k} times", "complaint")
+            for k in range(1, 13)]
+    f.write_text("".join(f"{t},{y}\n" for t, y in rows))
+    data = read_labelled(f)
+    assert data.texts == [t for t, _ in rows] and data.labels == [y for _, y in rows]
+    assert "no header" in data.columns
+
+
 def test_jsonl_pairs_and_int_labels(tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text('{"premise": "a man sleeps", "hypothesis": "nobody sleeps", "label": 2}\n\n'
@@ -137,8 +149,13 @@ def test_latin1_with_encoding_flag(tmp_path):
     f = tmp_path / "f.csv"
     f.write_bytes("text,label\ncaf\xe9,a\nna\xefve,b\n".encode("latin-1"))
     message = error_of(f)
-    assert "f.csv:2: not valid utf-8" in message and "--encoding latin-1" in message
+    assert "f.csv:2: not valid utf-8" in message and "--encoding cp1252" in message
     assert read_labelled(f, encoding="latin-1").texts == ["café", "naïve"]
+    # Windows' quotes: cp1252 reads them, latin-1 makes them C1 control characters
+    windows = tmp_path / "w.csv"
+    windows.write_bytes("text,label\r\r\u201cgood\u201d \u2013 yes,a\rbad,b\r".encode("cp1252"))
+    assert "w.csv:3: not valid utf-8" in error_of(windows)          # lines ended by CR alone are lines
+    assert read_labelled(windows, encoding="cp1252").texts == ["\u201cgood\u201d \u2013 yes", "bad"]
 
 
 # --------------------------------------------------------------------------------------

@@ -265,7 +265,8 @@ def _read_table(path: Path, text: str, delimiter: str, text_col: str | None, pai
         other = "tab" if delimiter == "," else "comma"
         raise MinilmError(f"{path}: one column only, but a labelled {kind} needs a text and a label column "
                           f"(is it {other}-separated? name it .{'tsv' if other == 'tab' else 'csv'})")
-    has_header = _has_header([cells for _, cells in rows], header, [text_col, pair_col, label_col])
+    table, specs = [cells for _, cells in rows], [text_col, pair_col, label_col]
+    has_header = _has_header(table, header, specs)
     names = [c.strip() for c in rows[0][1]] if has_header else None
     body = rows[1:] if has_header else rows
     if not body:
@@ -277,7 +278,7 @@ def _read_table(path: Path, text: str, delimiter: str, text_col: str | None, pai
     how = ""
     if not has_header:
         how = " (no header)"
-    elif header == "auto" and not _names_a_column([cells for _, cells in rows], [text_col, pair_col, label_col]):
+    elif header == "auto" and not _names_a_column(table, specs):
         how = f" (line {rows[0][0]} taken for a header; --header no if it is a row)"     # guessed from content
     columns = (f"text={_name_of(names, t)}" + (f", pair={_name_of(names, p)}" if p is not None else "")
                + f", label={_name_of(names, lab)}" + how)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,49 @@ def test_several_pretraining_runs_pool_into_one_row_with_each_runs_mean(sst2):
     assert len(body) == 2
     assert "71.0% ± 2.6% (4 runs: 72.0%, 74.0%, 68.0%, 70.0%); per pretraining seed 0: 73.0%, 1: 69.0% |" in body[0]
     assert "per pretraining" not in body[1] and "| 66.0% |" in body[1]
+
+
+def test_few_label_flags_come_last_and_reach_the_stricter_scratch_row(sst2):
+    args = sst2.parse_args(["data"])
+    assert "--lr 5e-4" in " ".join(sst2.minilm_flags(args, "pretrained", "all"))
+    assert "--lr 1e-3" not in " ".join(sst2.minilm_flags(args, "scratch", "all"))
+    for kind in ("pretrained", "scratch", "scratch-own"):
+        flags = sst2.minilm_flags(args, kind, "few")
+        assert flags[-2:] == ["--lr", "1e-3"], kind         # last, so finetune.py's argparse takes it
+    assert "--layer-lr-decay" in sst2.minilm_flags(args, "scratch", "few")
+    assert "--layer-lr-decay" not in sst2.minilm_flags(args, "scratch-own", "few")
+    assert sst2.minilm_flags(sst2.parse_args(["data", "--few-args", ""]), "pretrained", "few") == \
+        sst2.minilm_flags(args, "pretrained", "all")
+
+
+def fake_run(run_dir: Path, *flags: str) -> list[str]:
+    """A command that makes run_dir with a summary.json, as train.py and finetune.py do."""
+    script = ("import json, os, sys; os.makedirs(sys.argv[1]); "
+              "json.dump({'val_accuracy': 0.5}, open(os.path.join(sys.argv[1], 'summary.json'), 'w'))")
+    return [sys.executable, "-c", script, str(run_dir), *flags]
+
+
+def test_a_finished_run_is_reused_only_with_the_same_arguments(sst2, tmp_path, capsys):
+    results = {"times": {}}
+    run_dir = tmp_path / "pretrained-few-seed0"
+    assert sst2.reuse_or_run("r", run_dir, fake_run(run_dir, "--lr", "5e-4"), tmp_path / "logs", results) == \
+        {"val_accuracy": 0.5}
+    assert "r" in results["times"] and results["commands"]["r"][-3:] == ["{out}/pretrained-few-seed0", "--lr", "5e-4"]
+    # the same arguments: reused, not run again (the command would fail: the directory exists)
+    sst2.reuse_or_run("r", run_dir, fake_run(run_dir, "--lr", "5e-4"), tmp_path / "logs", results)
+    assert "reusing" in capsys.readouterr().out
+    # a changed flag: refused, with what changed
+    with pytest.raises(SystemExit) as refused:
+        sst2.reuse_or_run("r", run_dir, fake_run(run_dir, "--lr", "1e-3"), tmp_path / "logs", results)
+    assert "other arguments (--lr 5e-4 -> --lr 1e-3)" in str(refused.value) and "delete it" in str(refused.value)
+    # a work directory moved elsewhere still matches (paths inside it are recorded as {out})
+    moved = tmp_path / "moved"
+    run_dir.rename(moved)
+    (tmp_path / "elsewhere").mkdir()
+    again = tmp_path / "elsewhere" / "pretrained-few-seed0"
+    moved.rename(again)
+    sst2.reuse_or_run("r", again, fake_run(again, "--lr", "5e-4"), tmp_path / "logs", results)
+    # a run from before the record: reused, with a note, and not recorded under the new flags
+    del results["commands"]["r"]
+    sst2.reuse_or_run("r", again, fake_run(again, "--lr", "1e-3"), tmp_path / "logs", results)
+    assert "not recorded" in capsys.readouterr().out and "r" not in results["commands"]

@@ -166,14 +166,11 @@ def reuse_or_run(name: str, out_dir: Path, cmd: list[str], logs: Path, results: 
     summary = out_dir / "summary.json"
     if summary.is_file():
         before = commands.get(name)
-        if before is None:
-            print(f"\n### {name}: reusing {out_dir} (its arguments were not recorded: delete it to rerun "
-                  "with these)")
-            return json.loads(summary.read_text())
-        if before != argv:
+        if before is not None and before != argv:
             sys.exit(f"{out_dir} was run with other arguments ({changed_arguments(before, argv)}): delete it "
                      "to rerun, or use another --out")
-        print(f"\n### {name}: reusing {out_dir}")
+        unrecorded = " (its arguments were not recorded: delete it to rerun with these)" if before is None else ""
+        print(f"\n### {name}: reusing {out_dir}{unrecorded}")
     else:
         if out_dir.exists():
             sys.exit(f"{out_dir} holds an unfinished run: delete it and run again")

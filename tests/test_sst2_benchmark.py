@@ -109,11 +109,9 @@ def test_a_finished_run_is_reused_only_with_the_same_arguments(sst2, tmp_path, c
         sst2.reuse_or_run("r", run_dir, fake_run(run_dir, "--lr", "1e-3"), tmp_path / "logs", results)
     assert "other arguments (--lr 5e-4 -> --lr 1e-3)" in str(refused.value) and "delete it" in str(refused.value)
     # a work directory moved elsewhere still matches (paths inside it are recorded as {out})
-    moved = tmp_path / "moved"
-    run_dir.rename(moved)
-    (tmp_path / "elsewhere").mkdir()
     again = tmp_path / "elsewhere" / "pretrained-few-seed0"
-    moved.rename(again)
+    again.parent.mkdir()
+    run_dir.rename(again)
     sst2.reuse_or_run("r", again, fake_run(again, "--lr", "5e-4"), tmp_path / "logs", results)
     # a run from before the record: reused, with a note, and not recorded under the new flags
     del results["commands"]["r"]
